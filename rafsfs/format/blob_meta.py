@@ -1,0 +1,88 @@
+"""Blob chunk-info ("ci") arrays, v1 (16 B) and v2 (24 B) entries, and the 4 KiB blob.meta header."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .record import Record, field
+
+BLOB_META_MAGIC = 0xB10BB10B
+BLOB_META_HEADER_SIZE = 4096
+CI_V1_SIZE = 16
+CI_V2_SIZE = 24
+MAX_CHUNK_SIZE = 16 << 20
+
+CI_V2_COMPRESSED = 0x01
+CI_V2_ZRAN = 0x02
+CI_V2_BATCH = 0x04
+CI_V2_ENCRYPTED = 0x08
+CI_V2_HAS_CRC32 = 0x10
+
+_V1 = struct.Struct("<QQ")
+_V2 = struct.Struct("<QQQ")
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where one chunk lives in its blob: compressed range in the blob file, uncompressed range in the blob's
+    4K-aligned uncompressed view."""
+
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+
+
+def decode_v1(buf, off: int) -> ChunkInfo:
+    u, c = _V1.unpack_from(buf, off)
+    usize = (((u & 0xF00) << 12) | (u >> 44)) + 1
+    uoff = u & 0xFFF_FFFF_F000
+    csize = ((((c >> 40) & 0xF) << 20) | (c >> 44)) + 1
+    coff = c & 0xFF_FFFF_FFFF
+    return ChunkInfo(coff, csize, uoff, usize, csize != usize)
+
+
+def encode_v1(ci: ChunkInfo) -> bytes:
+    us, cs = ci.uncompressed_size - 1, ci.compressed_size - 1
+    u = ((us & 0xFFFFF) << 44) | (ci.uncompressed_offset & 0xFFF_FFFF_F000) | ((us & 0xF00000) >> 12)
+    c = ((cs & 0xFFFFF) << 44) | ((cs & 0xF00000) << 20) | (ci.compressed_offset & 0xFF_FFFF_FFFF)
+    return _V1.pack(u, c)
+
+
+def decode_v2(buf, off: int) -> tuple[ChunkInfo, int]:
+    """Returns the chunk info and its flag byte."""
+    u, c, _data = _V2.unpack_from(buf, off)
+    uoff = (u & 0xFFFFFFFF) << 12
+    usize = ((u >> 32) & 0xFFFFFF) + 1
+    flags = u >> 56
+    coff = c & 0xFF_FFFF_FFFF
+    csize = c >> 40
+    return ChunkInfo(coff, csize, uoff, usize, bool(flags & CI_V2_COMPRESSED)), flags
+
+
+def encode_v2(ci: ChunkInfo) -> bytes:
+    flags = CI_V2_COMPRESSED if ci.compressed else 0
+    u = (ci.uncompressed_offset >> 12) | ((ci.uncompressed_size - 1) << 32) | (flags << 56)
+    c = ci.compressed_offset | (ci.compressed_size << 40)
+    return _V2.pack(u, c, 0)
+
+
+@dataclass
+class BlobMetaHeader(Record):
+    NAME = "blob.meta header"
+    magic: int = field("I", BLOB_META_MAGIC)
+    features: int = field("I")
+    ci_compressor: int = field("I")
+    ci_entries: int = field("I")
+    ci_offset: int = field("Q")
+    ci_compressed_size: int = field("Q")
+    ci_uncompressed_size: int = field("Q")
+    ci_zran_offset: int = field("Q")
+    ci_zran_size: int = field("Q")
+    ci_zran_count: int = field("I")
+    reserved: bytes = field("4032s", bytes(4032))
+    magic2: int = field("I", BLOB_META_MAGIC)
+
+
+assert BlobMetaHeader.rec_size() == BLOB_META_HEADER_SIZE
