@@ -1,0 +1,136 @@
+"""Shared fixtures and the "no unexpected log records" check.
+
+* ``shared_dir`` / ``nydus_fixture``: the project's shared/ folder (``RAFSFS_SHARED`` overrides) and the real Nydus
+  fixture in it.
+* ``run_rafsfs(*args, check=None, input=None, timeout=...)``: runs ``python -m rafsfs.cli ARGS`` and returns the
+  CompletedProcess (text mode); ``check=0`` asserts the exit code and shows stderr when it differs.
+* ``tricky_src``: a session-wide tree made by :func:`treeutil.make_tricky_tree` (read-only for tests).
+* The s3ql habit: a test fails if any logger under ``rafsfs``, ``fuse_backend`` or ``fscache_backend`` emitted a
+  WARNING or worse, unless the test says it expects it with ``@pytest.mark.allow_log("regex", ...)`` (no argument:
+  any message is allowed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))  # so test modules can `import treeutil`
+
+import treeutil  # noqa: E402
+
+WATCHED_LOGGERS = ("rafsfs", "fuse_backend", "fscache_backend")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_log(*patterns): the test expects WARNING/ERROR records from rafsfs "
+                                       "loggers whose message matches one of the regexes (none given: any)")
+    config.addinivalue_line("markers", "needs_root: the test needs root (mounts, mknod, trusted.* xattrs)")
+    config.addinivalue_line("markers", "slow: long-running tests (still run in CI)")
+
+
+# ---------------------------------------------------------------------------- paths
+def _shared() -> Path:
+    env = os.environ.get("RAFSFS_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    p = _shared()
+    if not p.is_dir():
+        pytest.fail(f"shared folder {p} not found (set RAFSFS_SHARED)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def nydus_fixture(shared_dir) -> Path:
+    """The folder holding rafs-v6-2.2.boot and its one blob."""
+    p = shared_dir / "fixtures" / "nydus-v6-2.2"
+    if not (p / "rafs-v6-2.2.boot").is_file():
+        pytest.fail(f"Nydus fixture missing in {p}")
+    return p
+
+
+# ---------------------------------------------------------------------------- running the CLI
+def rafsfs_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "rafsfs.cli", *map(str, args)]
+
+
+def run_rafsfs_proc(*args, check: int | None = None, input: bytes | str | None = None,
+                    timeout: float = 600, text: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run(rafsfs_cmd(*args), capture_output=True, input=input, timeout=timeout, text=text,
+                       env=env, cwd=REPO)
+    if check is not None and p.returncode != check:
+        raise AssertionError(f"rafsfs {' '.join(map(str, args))} exited {p.returncode} (expected {check})\n"
+                             f"--- stdout ---\n{p.stdout[-4000:]}\n--- stderr ---\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture
+def run_rafsfs():
+    return run_rafsfs_proc
+
+
+# ---------------------------------------------------------------------------- trees
+@pytest.fixture(scope="session")
+def tricky_src(tmp_path_factory) -> Path:
+    """The full tricky tree (built once per session; tests must not modify it)."""
+    root = tmp_path_factory.mktemp("tricky") / "src"
+    treeutil.make_tricky_tree(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def have_root() -> bool:
+    return os.geteuid() == 0
+
+
+def which_or_skip(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+# ---------------------------------------------------------------------------- log check (s3ql's habit)
+class _Collector(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        if record.name.split(".", 1)[0] in WATCHED_LOGGERS:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def check_logs(request):
+    handler = _Collector()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+    marker = request.node.get_closest_marker("allow_log")
+    patterns = [re.compile(p) for p in marker.args] if marker else []
+    bad = []
+    for r in handler.records:
+        msg = r.getMessage()
+        if marker and (not patterns or any(p.search(msg) for p in patterns)):
+            continue
+        bad.append(f"{r.levelname} {r.name}: {msg}")
+    if bad:
+        pytest.fail("unexpected log records (declare them with @pytest.mark.allow_log):\n  " + "\n  ".join(bad[:20]),
+                    pytrace=False)
