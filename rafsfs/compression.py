@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import threading
 import zlib
 
 import blake3  # the Nydus default chunk digester; a maintained binding of the reference implementation
@@ -26,7 +27,21 @@ COMPRESSOR_BY_NAME = {"none": COMPRESSOR_NONE, "lz4": COMPRESSOR_LZ4_BLOCK, "lz4
 DIGESTER_NAMES = {DIGEST_BLAKE3: "blake3", DIGEST_SHA256: "sha256"}
 DIGESTER_BY_NAME = {v: k for k, v in DIGESTER_NAMES.items()}
 
-_zstd_c = zstandard.ZstdCompressor(level=3)
+_local = threading.local()  # zstandard (de)compressor objects must not be shared between threads
+
+
+def _zstd_c() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "zc", None)
+    if c is None:
+        c = _local.zc = zstandard.ZstdCompressor(level=3)
+    return c
+
+
+def _zstd_d() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "zd", None)
+    if d is None:
+        d = _local.zd = zstandard.ZstdDecompressor()
+    return d
 
 
 def decompress(algo: int, data: bytes, size: int) -> bytes:
@@ -35,7 +50,7 @@ def decompress(algo: int, data: bytes, size: int) -> bytes:
         if algo == COMPRESSOR_NONE:
             out = bytes(data)
         elif algo == COMPRESSOR_ZSTD:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+            out = _zstd_d().decompress(data, max_output_size=size)
         elif algo == COMPRESSOR_LZ4_BLOCK:
             out = lz4.block.decompress(data, uncompressed_size=size)
         elif algo == COMPRESSOR_GZIP:
@@ -56,7 +71,7 @@ def compress(algo: int, data: bytes) -> bytes:
     if algo == COMPRESSOR_NONE:
         return data
     if algo == COMPRESSOR_ZSTD:
-        return _zstd_c.compress(data)
+        return _zstd_c().compress(data)
     if algo == COMPRESSOR_LZ4_BLOCK:
         return lz4.block.compress(data, store_size=False)
     if algo == COMPRESSOR_GZIP:
