@@ -1,0 +1,277 @@
+"""Blobs in an OCI registry: ``GET /v2/<repo>/blobs/sha256:<id>`` with ``Range``.
+
+Authentication follows the registry's ``WWW-Authenticate`` challenge: anonymous, Basic, or Bearer tokens fetched
+from the challenge's realm (with Basic credentials when we have them).  A token is refreshed before it expires
+and again whenever the registry answers 401, since expired credentials are the most common failure of lazy
+pulling.  Redirects (to object storage) are followed without leaking the registry's Authorization header.
+Requests go first to the configured proxy (e.g. a Dragonfly peer) or mirrors, falling back to the origin.
+5xx, 429 and connection errors are retried with exponential backoff; after that the read fails with
+:class:`BlobUnavailable` (EIO to a reader).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from ...errors import BlobUnavailable
+from .base import BlobBackend, BlobRef, check_blob_id
+
+log = logging.getLogger(__name__)
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+@dataclass
+class Endpoint:
+    """Where requests go: the origin registry, a mirror or a proxy (same API, another host)."""
+
+    base_url: str  # scheme://host[:port]
+    headers: dict[str, str] = field(default_factory=dict)
+    is_origin: bool = False
+
+
+@dataclass
+class RegistryConfig:
+    host: str
+    repo: str
+    scheme: str = "https"
+    username: str | None = None
+    password: str | None = None
+    registry_token: str | None = None  # a pre-issued bearer token
+    skip_verify: bool = False
+    ca_file: str | None = None
+    timeout: float = 30.0  # read timeout per request, seconds
+    connect_timeout: float = 5.0
+    retry_limit: int = 3
+    mirrors: list[Endpoint] = field(default_factory=list)
+    proxy: Endpoint | None = None
+    proxy_fallback: bool = True
+
+
+def docker_credentials(host: str, config_path: str | None = None) -> tuple[str, str] | None:
+    """(user, password) for ``host`` from docker's ``config.json`` (``$DOCKER_CONFIG`` or ``~/.docker``)."""
+    path = config_path or os.path.join(os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker"),
+                                       "config.json")
+    try:
+        with open(path) as f:
+            auths = json.load(f).get("auths", {})
+    except (OSError, ValueError):
+        return None
+    keys = (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/")
+    if host in ("docker.io", "registry-1.docker.io"):
+        keys += ("https://index.docker.io/v1/",)
+    for k in keys:
+        entry = auths.get(k)
+        if isinstance(entry, dict) and entry.get("auth"):
+            return decode_auth(entry["auth"])
+        if isinstance(entry, dict) and entry.get("username"):
+            return entry["username"], entry.get("password", "")
+    return None
+
+
+def decode_auth(auth: str) -> tuple[str, str]:
+    """Docker/Nydus ``auth`` field: base64 of ``user:password``."""
+    try:
+        user, _, pw = base64.b64decode(auth).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise BlobUnavailable("registry auth is not base64 of user:password") from None
+    return user, pw
+
+
+class _Token:
+    def __init__(self, value: str, expires_at: float):
+        self.value = value
+        self.expires_at = expires_at
+
+
+class RegistryBackend(BlobBackend):
+    def __init__(self, cfg: RegistryConfig):
+        self.cfg = cfg
+        self.session = requests.Session()
+        self.session.trust_env = False  # proxies come from our config only
+        if cfg.skip_verify:
+            self.session.verify = False
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif cfg.ca_file:
+            self.session.verify = cfg.ca_file
+        self.origin = Endpoint(f"{cfg.scheme}://{cfg.host}", is_origin=True)
+        self._lock = threading.Lock()
+        self._auth_header: dict[str, str | None] = {}  # endpoint base url -> Authorization value
+        self._tokens: dict[tuple[str, str], _Token] = {}  # (realm, scope) -> token
+        self._challenge: dict[str, dict] = {}  # endpoint base url -> last challenge params
+        self._proxy_down_until = 0.0
+        self.requests_sent = 0
+
+    # ------------------------------------------------------------------ BlobBackend
+    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        r = self._request("GET", blob, {"Range": f"bytes={offset}-{offset + size - 1}"})
+        data = r.content
+        if r.status_code == 200:  # the server ignored Range: take our slice of the whole blob
+            log.debug("registry ignored Range for %s", blob.name)
+            data = data[offset:offset + size]
+        return data
+
+    def size(self, blob: BlobRef) -> int:
+        r = self._request("HEAD", blob, {})
+        try:
+            return int(r.headers["Content-Length"])
+        except (KeyError, ValueError):
+            raise BlobUnavailable(f"registry gave no size for blob {blob.name}") from None
+
+    def close(self) -> None:
+        self.session.close()
+
+    # ------------------------------------------------------------------ endpoints and retries
+    def _endpoints(self) -> list[Endpoint]:
+        eps: list[Endpoint] = []
+        if self.cfg.proxy and time.monotonic() >= self._proxy_down_until:
+            eps.append(self.cfg.proxy)
+        eps.extend(self.cfg.mirrors)
+        if not self.cfg.proxy or self.cfg.proxy_fallback or not eps:
+            eps.append(self.origin)
+        return eps
+
+    def _request(self, method: str, blob: BlobRef, headers: dict[str, str]) -> requests.Response:
+        check_blob_id(blob.blob_id)
+        path = f"/v2/{self.cfg.repo}/blobs/sha256:{blob.blob_id}"
+        last = "no endpoint"
+        for ep in self._endpoints():
+            try:
+                return self._request_endpoint(ep, method, path, headers)
+            except BlobUnavailable as e:
+                last = str(e)
+                if ep is self.cfg.proxy:
+                    self._proxy_down_until = time.monotonic() + 30
+                if not ep.is_origin:
+                    log.warning("%s failed (%s); falling back", ep.base_url, e)
+        raise BlobUnavailable(last)
+
+    def _request_endpoint(self, ep: Endpoint, method: str, path: str, headers: dict[str, str]) -> requests.Response:
+        url = ep.base_url + path
+        delay = 0.2
+        reauthed = False
+        attempt = 0
+        while True:
+            h = dict(ep.headers)
+            h.update(headers)
+            auth = self._auth_for(ep)
+            if auth:
+                h["Authorization"] = auth
+            try:
+                with self._lock:
+                    self.requests_sent += 1
+                r = self.session.request(method, url, headers=h, timeout=(self.cfg.connect_timeout, self.cfg.timeout),
+                                         allow_redirects=True)
+            except requests.RequestException as e:
+                err = f"{method} {url}: {type(e).__name__}"
+                r = None
+            else:
+                if r.status_code in (200, 206):
+                    return r
+                if r.status_code == 401 and not reauthed:
+                    reauthed = True
+                    self._authenticate(ep, r)
+                    continue
+                err = f"{method} {url}: HTTP {r.status_code}"
+                if r.status_code not in _RETRY_STATUS:
+                    raise BlobUnavailable(_describe(r, url))
+            attempt += 1
+            if attempt > self.cfg.retry_limit:
+                raise BlobUnavailable(f"{err} (gave up after {attempt} attempts)")
+            wait = delay
+            if r is not None and r.status_code == 429:
+                try:
+                    wait = max(wait, min(float(r.headers.get("Retry-After", 0)), 10.0))
+                except ValueError:
+                    pass
+            log.info("%s; retrying in %.1fs", err, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
+
+    # ------------------------------------------------------------------ authentication
+    def _credentials(self) -> tuple[str, str] | None:
+        if self.cfg.username is not None:
+            return self.cfg.username, self.cfg.password or ""
+        return docker_credentials(self.cfg.host)
+
+    def _auth_for(self, ep: Endpoint) -> str | None:
+        with self._lock:
+            ch = self._challenge.get(ep.base_url)
+            if ch is None:
+                if self.cfg.registry_token:
+                    return f"Bearer {self.cfg.registry_token}"
+                return None
+        if ch["scheme"] == "basic":
+            creds = self._credentials()
+            if creds is None:
+                return None
+            return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        tok = self._tokens.get((ch.get("realm", ""), ch.get("scope", "")))
+        if tok is None or time.time() >= tok.expires_at:
+            tok = self._fetch_token(ch)
+        return f"Bearer {tok.value}"
+
+    def _authenticate(self, ep: Endpoint, r: requests.Response) -> None:
+        """Record the 401 challenge and drop any token it invalidates (an expired or revoked one)."""
+        hdr = r.headers.get("WWW-Authenticate", "")
+        scheme, _, rest = hdr.partition(" ")
+        params = dict(_CHALLENGE_PARAM.findall(rest))
+        params["scheme"] = scheme.lower()
+        if params["scheme"] not in ("basic", "bearer"):
+            raise BlobUnavailable(f"registry {ep.base_url} asks for unsupported auth {hdr!r}")
+        if params["scheme"] == "bearer":
+            params.setdefault("scope", f"repository:{self.cfg.repo}:pull")
+            with self._lock:
+                self._tokens.pop((params.get("realm", ""), params["scope"]), None)
+        elif self._credentials() is None:
+            raise BlobUnavailable(f"registry {ep.base_url} requires credentials and none are configured")
+        with self._lock:
+            self._challenge[ep.base_url] = params
+
+    def _fetch_token(self, ch: dict) -> _Token:
+        realm = ch.get("realm")
+        if not realm:
+            raise BlobUnavailable("bearer challenge without a realm")
+        q = {"scope": ch["scope"]}
+        if ch.get("service"):
+            q["service"] = ch["service"]
+        creds = self._credentials()
+        try:
+            r = self.session.get(realm, params=q, auth=creds, timeout=(self.cfg.connect_timeout, self.cfg.timeout))
+        except requests.RequestException as e:
+            raise BlobUnavailable(f"token request to {realm} failed: {type(e).__name__}") from None
+        if r.status_code != 200:
+            raise BlobUnavailable(f"token request to {realm}: HTTP {r.status_code}")
+        try:
+            body = r.json()
+            value = body.get("token") or body["access_token"]
+            ttl = float(body.get("expires_in") or 60)
+        except (ValueError, KeyError, TypeError):
+            raise BlobUnavailable(f"token server {realm} sent no token") from None
+        tok = _Token(value, time.time() + max(ttl - 10, ttl / 2))  # refresh a little early
+        with self._lock:
+            self._tokens[(realm, ch["scope"])] = tok
+        return tok
+
+
+def _describe(r: requests.Response, url: str) -> str:
+    if r.status_code == 404:
+        return f"blob not found at {url}"
+    if r.status_code in (401, 403):
+        return f"access denied to {url} (HTTP {r.status_code}): check the registry credentials"
+    if r.status_code == 416:
+        return f"range not satisfiable at {url}: the blob is shorter than the image says"
+    return f"GET {url}: HTTP {r.status_code}"
