@@ -1,0 +1,214 @@
+"""One typed configuration, with every default next to its field, and loaders for the shapes users already have:
+
+* nydusd's JSON config: ``{"device": {"backend": {"type", "config"}, "cache": {"type", "config": {"work_dir"}}},
+  "digest_validate", "amplify_io", "fs_prefetch": {...}, ...}``
+* the seed's / nydusd v2 fscache shape: ``{"type": "bootstrap", "config": {"backend_type", "backend_config",
+  "cache_type", "cache_config", "prefetch_config", ...}}``
+
+Unknown keys are logged as warnings; invalid values raise :class:`ConfigError` with the offending key.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RafsError
+from .storage.backend.registry import Endpoint, RegistryConfig, decode_auth
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORK_DIR = "/var/lib/rafsfs/cache"
+
+
+class ConfigError(RafsError):
+    pass
+
+
+@dataclass
+class BackendConfig:
+    type: str = "localfs"  # localfs | registry
+    blob_dir: str | None = None  # localfs
+    devices: list[str] = field(default_factory=list)  # localfs: files bound to device slots in order
+    registry: RegistryConfig | None = None
+
+
+@dataclass
+class CacheConfig:
+    type: str = "blobcache"  # blobcache | fscache | none
+    work_dir: str = DEFAULT_WORK_DIR
+
+
+@dataclass
+class PrefetchConfig:
+    enable: bool = False
+    prefetch_all: bool = False  # whole-blob background prefetch
+    threads: int = 4
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RafsConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    digest_validate: bool = True
+    amplify_io: int = 1 << 20
+    enable_xattr: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- typed access
+class _Section:
+    """Reads keys of one JSON object with type checks, remembering which keys were used."""
+
+    def __init__(self, obj: Any, where: str):
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{where}: expected an object")
+        self.obj, self.where, self.used = obj, where, set()
+
+    def get(self, key: str, typ: type | tuple, default: Any = None) -> Any:
+        self.used.add(key)
+        v = self.obj.get(key, default)
+        if v is None:
+            return default
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ in (int, float)):
+            name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            raise ConfigError(f"{self.where}.{key}: expected {name}, got {json.dumps(v)[:60]}")
+        return v
+
+    def sub(self, key: str) -> "_Section":
+        self.used.add(key)
+        return _Section(self.obj.get(key) or {}, f"{self.where}.{key}")
+
+    def warn_unknown(self, known_ignored: tuple[str, ...] = ()) -> None:
+        for k in self.obj:
+            if k not in self.used and k not in known_ignored:
+                log.warning("config: unknown key %s.%s ignored", self.where, k)
+
+
+def _positive(v: int | float, where: str) -> Any:
+    if v <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return v
+
+
+def _backend(btype: str, s: _Section) -> BackendConfig:
+    if btype == "localfs":
+        blob_dir = s.get("dir", str) or s.get("blob_dir", str)
+        blob_file = s.get("blob_file", str)
+        s.warn_unknown(("readahead", "readahead_sec", "alt_dirs"))
+        if not blob_dir and not blob_file:
+            raise ConfigError(f"{s.where}: localfs backend needs 'dir'")
+        return BackendConfig(type="localfs", blob_dir=blob_dir, devices=[blob_file] if blob_file else [])
+    if btype == "registry":
+        host = s.get("host", str)
+        repo = s.get("repo", str)
+        if not host or not repo:
+            raise ConfigError(f"{s.where}: registry backend needs 'host' and 'repo'")
+        scheme = s.get("scheme", str, "https")
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{s.where}.scheme: must be http or https")
+        rc = RegistryConfig(host=host, repo=repo, scheme=scheme,
+                            skip_verify=s.get("skip_verify", bool, False),
+                            timeout=_positive(s.get("timeout", float, 30.0), f"{s.where}.timeout"),
+                            connect_timeout=_positive(s.get("connect_timeout", float, 5.0),
+                                                      f"{s.where}.connect_timeout"),
+                            retry_limit=s.get("retry_limit", int, 3),
+                            registry_token=s.get("registry_token", str),
+                            ca_file=s.get("ca_file", str))
+        auth = s.get("auth", str)
+        if auth:
+            try:
+                rc.username, rc.password = decode_auth(auth)
+            except RafsError:
+                raise ConfigError(f"{s.where}.auth: not base64 of user:password") from None
+        if s.get("username", str) is not None:
+            rc.username, rc.password = s.get("username", str), s.get("password", str, "")
+        for i, m in enumerate(s.get("mirrors", list, [])):
+            ms = _Section(m, f"{s.where}.mirrors[{i}]")
+            mhost = ms.get("host", str)
+            if not mhost:
+                raise ConfigError(f"{ms.where}.host: required")
+            if "://" not in mhost:
+                mhost = f"{scheme}://{mhost}"
+            rc.mirrors.append(Endpoint(mhost.rstrip("/"), headers=ms.get("headers", dict, {})))
+            ms.warn_unknown(("ping_url", "health_check_interval", "failure_limit", "auth_through"))
+        px = s.sub("proxy")
+        rc.proxy_fallback = px.get("fallback", bool, True)
+        if px.get("url", str):
+            rc.proxy = Endpoint(px.get("url", str).rstrip("/"))
+        px.warn_unknown(("ping_url", "check_interval", "use_http", "check_pause_elapsed"))
+        s.warn_unknown(("readahead", "readahead_sec", "proxy", "blob_url_scheme", "blob_redirected_host"))
+        return BackendConfig(type="registry", registry=rc)
+    raise ConfigError(f"{s.where}: unsupported backend type {btype!r} (localfs or registry)")
+
+
+def _cache(ctype: str, s: _Section) -> CacheConfig:
+    if ctype in ("", "dummycache", "none"):
+        ctype = "none"
+    elif ctype not in ("blobcache", "fscache"):
+        raise ConfigError(f"{s.where}: unsupported cache type {ctype!r} (blobcache, fscache or none)")
+    work_dir = s.get("work_dir", str, DEFAULT_WORK_DIR)
+    s.warn_unknown(("disable_indexed_map", "compressed", "validate", "prefetch_config"))
+    return CacheConfig(type=ctype, work_dir=work_dir)
+
+
+def _prefetch(s: _Section) -> PrefetchConfig:
+    p = PrefetchConfig(enable=s.get("enable", bool, False), prefetch_all=s.get("prefetch_all", bool, False),
+                       threads=s.get("threads_count", int, 0) or s.get("threads", int, 4))
+    s.warn_unknown(("merging_size", "bandwidth_rate", "bandwidth_limit", "batch_size"))
+    return p
+
+
+def from_dict(obj: Any) -> RafsConfig:
+    top = _Section(obj, "config")
+    if top.obj.get("type") == "bootstrap" or ("config" in top.obj and "device" not in top.obj):
+        return _from_seed(top)
+    cfg = RafsConfig()
+    dev = top.sub("device")
+    be = dev.sub("backend")
+    cfg.backend = _backend(be.get("type", str, "localfs"), be.sub("config"))
+    be.warn_unknown()
+    ca = dev.sub("cache")
+    cfg.cache = _cache(ca.get("type", str, "blobcache"), ca.sub("config"))
+    ca.warn_unknown(("compressed", "validate"))
+    dev.warn_unknown()
+    cfg.digest_validate = top.get("digest_validate", bool, True)
+    cfg.enable_xattr = top.get("enable_xattr", bool, True)
+    cfg.amplify_io = _positive(top.get("amplify_io", int, 1 << 20), "config.amplify_io")
+    cfg.prefetch = _prefetch(top.sub("fs_prefetch"))
+    top.warn_unknown(("mode", "iostats_files", "access_pattern", "latest_read_files", "enable_xattr", "id",
+                      "version"))
+    return cfg
+
+
+def _from_seed(top: _Section) -> RafsConfig:
+    top.get("type", str)
+    top.get("id", str)
+    top.get("domain_id", str)
+    c = top.sub("config")
+    c.get("id", str)
+    cfg = RafsConfig()
+    cfg.backend = _backend(c.get("backend_type", str, "localfs"), c.sub("backend_config"))
+    cfg.cache = _cache(c.get("cache_type", str, "fscache"), c.sub("cache_config"))
+    cfg.digest_validate = c.get("digest_validate", bool, True)
+    cfg.amplify_io = _positive(c.get("amplify_io", int, 1 << 20), f"{c.where}.amplify_io")
+    if c.obj.get("prefetch_config") is not None:
+        cfg.prefetch = _prefetch(c.sub("prefetch_config"))
+    c.warn_unknown(("metadata_path", "blob_info"))
+    top.warn_unknown(("metadata_path",))
+    return cfg
+
+
+def load_config(path: str) -> RafsConfig:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"config {path} is not valid JSON: {e}") from None
+    return from_dict(obj)

@@ -1,0 +1,88 @@
+"""Both config shapes users already have map onto one typed config; bad values are one clear error."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+import pytest
+
+from rafsfs.config import ConfigError, from_dict, load_config
+
+NYDUSD = {"device": {"backend": {"type": "registry",
+                                 "config": {"host": "127.0.0.1:5000", "repo": "bench/python", "scheme": "http",
+                                            "readahead": False, "proxy": {"fallback": False},
+                                            "timeout": 5, "connect_timeout": 5, "retry_limit": 2,
+                                            "auth": base64.b64encode(b"alice:s3cret").decode()}},
+                     "cache": {"type": "blobcache", "config": {"work_dir": "/tmp/w", "disable_indexed_map": False}}},
+          "mode": "direct", "digest_validate": False, "enable_xattr": True, "amplify_io": 262144,
+          "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 2, "merging_size": 0,
+                          "bandwidth_rate": 0}}
+
+SEED = {"type": "bootstrap", "id": "img1", "domain_id": "d1",
+        "config": {"id": "img1", "backend_type": "registry",
+                   "backend_config": {"host": "reg.example:443", "repo": "lib/app", "scheme": "https",
+                                      "skip_verify": True, "mirrors": [{"host": "mirror.local:5000"}]},
+                   "cache_type": "fscache", "cache_config": {"work_dir": "/var/cache/x"},
+                   "metadata_path": "/x/image.boot"}}
+
+
+def test_nydusd_shape():
+    cfg = from_dict(NYDUSD)
+    r = cfg.backend.registry
+    assert cfg.backend.type == "registry" and r is not None
+    assert (r.host, r.repo, r.scheme, r.timeout, r.retry_limit) == ("127.0.0.1:5000", "bench/python", "http", 5.0, 2)
+    assert (r.username, r.password) == ("alice", "s3cret")
+    assert r.proxy is None
+    assert (cfg.cache.type, cfg.cache.work_dir) == ("blobcache", "/tmp/w")
+    assert cfg.digest_validate is False and cfg.amplify_io == 262144
+    assert cfg.prefetch.enable and cfg.prefetch.threads == 2
+
+
+def test_seed_shape():
+    cfg = from_dict(SEED)
+    r = cfg.backend.registry
+    assert r is not None and r.skip_verify and r.scheme == "https"
+    assert [m.base_url for m in r.mirrors] == ["https://mirror.local:5000"]
+    assert (cfg.cache.type, cfg.cache.work_dir) == ("fscache", "/var/cache/x")
+    assert cfg.digest_validate is True  # on unless the config says otherwise
+
+
+def test_localfs_and_defaults(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/blobs"}}}}))
+    cfg = load_config(str(p))
+    assert cfg.backend.type == "localfs" and cfg.backend.blob_dir == "/blobs"
+    assert cfg.cache.type == "blobcache" and cfg.digest_validate
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"device": {"backend": {"type": "s3", "config": {}}}}, "unsupported backend type"),
+    ({"device": {"backend": {"type": "registry", "config": {"host": "h"}}}}, "needs 'host' and 'repo'"),
+    ({"device": {"backend": {"type": "registry", "config": {"host": "h", "repo": "r", "timeout": "x"}}}},
+     "timeout: expected float"),
+    ({"device": {"backend": {"type": "registry", "config": {"host": "h", "repo": "r", "scheme": "ftp"}}}},
+     "scheme"),
+    ({"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}}, "amplify_io": -1}, "positive"),
+    ({"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}, "cache": {"type": "weird"}}},
+     "unsupported cache type"),
+])
+def test_invalid_values(bad, words):
+    with pytest.raises(ConfigError, match=words):
+        from_dict(bad)
+
+
+@pytest.mark.allow_log("unknown key")
+def test_unknown_keys_warned(caplog):
+    caplog.set_level(logging.WARNING, logger="rafsfs.config")
+    from_dict({"device": {"backend": {"type": "localfs", "config": {"dir": "/b", "bogus": 1}}}, "whatever": 2})
+    text = caplog.text
+    assert "bogus" in text and "whatever" in text
+
+
+def test_unreadable_and_invalid_json(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(str(tmp_path / "bad.json"))
