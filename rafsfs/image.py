@@ -828,15 +828,14 @@ class RafsImage:
         return b"".join(parts)
 
     def walk(self, start: int | None = None) -> Iterator[tuple[bytes, Inode]]:
-        """Every path (bytes, '/'-rooted) with its inode, depth first; a directory cycle is :class:`BadImage`."""
+        """Every path (bytes, '/'-rooted) with its inode, depth first.  Each directory is visited once: a directory
+        reachable twice (a cycle, or a crafted fan-out) is :class:`BadImage`."""
         root = self.inode(self.root_nid if start is None else start)
-        stack: list[tuple[bytes, Inode, frozenset]] = [(b"/", root, frozenset())]
+        stack: list[tuple[bytes, Inode]] = [(b"/", root)]
+        seen_dirs = {root.nid}  # EROFS has no directory hardlinks: a second sighting is a cycle or a fan-out bomb
         yield b"/", root
         while stack:
-            path, d, ancestors = stack.pop()
-            if d.nid in ancestors:
-                raise BadImage(f"directory cycle at {os.fsdecode(path)}")
-            ancestors = ancestors | {d.nid}
+            path, d = stack.pop()
             subdirs = []
             count = 0
             for e in self.readdir(d):
@@ -851,7 +850,10 @@ class RafsImage:
                 cpath = path.rstrip(b"/") + b"/" + e.name
                 yield cpath, child
                 if child.is_dir():
-                    subdirs.append((cpath, child, ancestors))
+                    if child.nid in seen_dirs:
+                        raise BadImage(f"directory {os.fsdecode(cpath)} is linked more than once (cycle?)")
+                    seen_dirs.add(child.nid)
+                    subdirs.append((cpath, child))
             stack.extend(reversed(subdirs))
 
 
