@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -28,6 +31,11 @@ sys.path.insert(0, str(TESTS))  # so test modules can `import treeutil`
 import treeutil  # noqa: E402
 
 WATCHED_LOGGERS = ("rafsfs", "fuse_backend", "fscache_backend")
+
+# CI runs the same hypothesis examples every time (a red CI is reproducible); developers explore new ones
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_configure(config):
@@ -69,8 +77,9 @@ def run_rafsfs_proc(*args, check: int | None = None, input: bytes | str | None =
                     timeout: float = 600, text: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run(rafsfs_cmd(*args), capture_output=True, input=input, timeout=timeout, text=text,
-                       env=env, cwd=REPO)
+    kw = {"encoding": "utf-8", "errors": "replace"} if text else {}
+    p = subprocess.run(rafsfs_cmd(*args), capture_output=True, input=input, timeout=timeout, env=env, cwd=REPO,
+                       **kw)
     if check is not None and p.returncode != check:
         raise AssertionError(f"rafsfs {' '.join(map(str, args))} exited {p.returncode} (expected {check})\n"
                              f"--- stdout ---\n{p.stdout[-4000:]}\n--- stderr ---\n{p.stderr[-4000:]}")
@@ -94,6 +103,61 @@ def tricky_src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def have_root() -> bool:
     return os.geteuid() == 0
+
+
+def _dmesg_tail() -> str:
+    p = subprocess.run(["dmesg"], capture_output=True, text=True)
+    return "\n".join(p.stdout.splitlines()[-5:])
+
+
+def kernel_has_erofs() -> bool:
+    if shutil.which("modprobe"):
+        subprocess.run(["modprobe", "erofs"], capture_output=True)
+    try:
+        return any(line.split()[-1] == "erofs" for line in open("/proc/filesystems"))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def erofs_mount(image, mountpoint, devices=()):
+    """Mount an EROFS / RAFS v6 image read-only with the kernel, ``devices`` bound to its device slots in order.
+
+    A file-backed mount (mount(2) on the image file itself, Linux >= 6.12; device= paths may then be regular files);
+    on kernels without file-backed EROFS (ENOTBLK), loop devices for the image and every device.  Skips only when
+    mounting is impossible here (not root, no EROFS in the kernel); a mount the kernel refuses fails the test.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    if not kernel_has_erofs():
+        pytest.skip("the kernel has no EROFS")
+    from rafsfs import sysmount
+
+    mnt = Path(mountpoint)
+    mnt.mkdir(parents=True, exist_ok=True)
+    loops: list[str] = []
+    try:
+        sysmount.mount_erofs(str(image), str(mnt), [str(d) for d in devices])
+    except OSError as e:
+        if e.errno != errno.ENOTBLK:
+            pytest.fail(f"the kernel refuses to mount {image}: {e}\n{_dmesg_tail()}", pytrace=False)
+        try:
+            for f in [image, *devices]:
+                loops.append(subprocess.run(["losetup", "--find", "--show", "--read-only", str(f)], check=True,
+                                            capture_output=True, text=True).stdout.strip())
+            opts = ",".join(["ro"] + [f"device={d}" for d in loops[1:]])
+            subprocess.run(["mount", "-t", "erofs", "-o", opts, loops[0], str(mnt)], check=True,
+                           capture_output=True, text=True)
+        except subprocess.CalledProcessError as e2:
+            for lo in loops:
+                subprocess.run(["losetup", "-d", lo], capture_output=True)
+            pytest.fail(f"cannot mount {image} via loop devices: {e2.stderr}\n{_dmesg_tail()}", pytrace=False)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        for lo in loops:
+            subprocess.run(["losetup", "-d", lo], capture_output=True)
 
 
 def which_or_skip(tool: str) -> str:

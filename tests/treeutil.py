@@ -26,7 +26,6 @@ MTIME_DIR = 1_650_000_000_987_654_321
 
 UNICODE_NAMES = ["héllo wörld", "日本語のファイル", "emoji-🎉🐍", "Ελληνικά", "zero\u200bwidth"]
 NON_UTF8_NAME = b"bad-\xff\xfe-name"
-LONG_NAME = "L" * 255
 LONG_SYMLINK_TARGET = ("t" * 99 + "/") * 10  # 1000 bytes
 
 
@@ -72,8 +71,8 @@ def make_small_tree(root: Path) -> None:
     os.symlink("a.txt", root / "link")
     os.symlink("../a.txt", root / "dir" / "uplink")
     os.mkfifo(root / "fifo")
-    for p in (root / "a.txt", root / "dir" / "b.bin"):
-        os.setxattr(p, "user.shared", b"same value everywhere")
+    for p in (root / "a.txt", root / "dir" / "b.bin", root / "dir" / "big", root / "dir"):
+        os.setxattr(p, "user.shared", b"same value everywhere")  # on > 2 inodes: mkfs.erofs shares it
     os.setxattr(root / "a.txt", "user.own", b"x" * 40)
     os.setxattr(root / "dir", "trusted.t", b"dir attr")
     for p in sorted(root.rglob("*"), reverse=True):
@@ -81,10 +80,12 @@ def make_small_tree(root: Path) -> None:
     os.utime(root, ns=(MTIME_DIR, MTIME_DIR))
 
 
-def make_tricky_tree(root: Path) -> None:
+def make_tricky_tree(root: Path, *, name_max: int = 255) -> None:
     """Every file type, xattr namespace, size class, mode bit and timestamp oddity a builder has to get right.
 
-    Needs root (device nodes, trusted.* xattrs, chown).  ``root`` must not exist yet.
+    Needs root (device nodes, trusted.* xattrs, chown).  ``root`` must not exist yet.  ``name_max`` is the length of
+    the long names (255, the EROFS limit; Debian's mkfs.erofs 1.5 fails on 255-byte names with ENOENT, so trees
+    for it use 254).
     """
     root = Path(root)
     root.mkdir(parents=True)
@@ -152,9 +153,9 @@ def make_tricky_tree(root: Path) -> None:
 
     # ---- names
     (r / "names").mkdir()
-    _write(r / "names" / LONG_NAME, b"long name\n")
-    (r / "names" / ("D" * 255)).mkdir()
-    _write(r / "names" / ("D" * 255) / ("f" * 255), b"long dir, long name\n")
+    _write(r / "names" / ("L" * name_max), b"long name\n")
+    (r / "names" / ("D" * name_max)).mkdir()
+    _write(r / "names" / ("D" * name_max) / ("f" * name_max), b"long dir, long name\n")
     for i, n in enumerate(UNICODE_NAMES):
         _write(r / "names" / n, n.encode() + b"\n")
     _write(os.path.join(os.fsencode(r / "names"), NON_UTF8_NAME), b"not utf-8\n")
@@ -398,6 +399,45 @@ def assert_trees_equal(a: Path | str | bytes, b: Path | str | bytes, *, check_mt
                            mtime_granularity_ns=mtime_granularity_ns, check_owner=check_owner, check_root=check_root,
                            ignore_xattrs=ignore_xattrs, ignore_paths=ignore_paths)
     if diffs:
-        more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
-        raise AssertionError(f"trees differ ({len(diffs)} differences) between {os.fsdecode(a)} (expected) and "
-                             f"{os.fsdecode(b)}:\n  " + "\n  ".join(diffs[:20]) + more)
+        raise AssertionError(format_diffs(diffs, f"trees differ between {os.fsdecode(a)} (expected) and "
+                                                 f"{os.fsdecode(b)}"))
+
+
+def snapshot_image(image, source=None) -> dict[bytes, Entry]:
+    """The same snapshot as :func:`snapshot_tree`, taken from a :class:`rafsfs.image.RafsImage` through its API
+    (``source`` reads blob data).  Lets reader bugs show up without the CLI or a mount."""
+    out: dict[bytes, Entry] = {}
+    by_nid: dict[int, list[bytes]] = {}
+    for path, ino in image.walk():
+        fmt = stat.S_IFMT(ino.mode)
+        e = Entry(_TYPES.get(fmt, f"?{fmt:o}"), stat.S_IMODE(ino.mode), ino.uid, ino.gid,
+                  ino.mtime * 1_000_000_000 + ino.mtime_nsec, xattrs=image.xattrs(ino))
+        if fmt == stat.S_IFREG:
+            h = hashlib.sha256()
+            pos = 0
+            while pos < ino.size:
+                data = image.read(ino, pos, 4 * MiB, source)
+                if not data:
+                    raise AssertionError(f"{_fmt_path(path)}: short read at {pos} of {ino.size}")
+                h.update(data)
+                pos += len(data)
+            e.size, e.sha256 = ino.size, h.hexdigest()
+        elif fmt == stat.S_IFLNK:
+            e.target = image.readlink(ino)
+            e.size = len(e.target)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            e.rdev = (os.major(ino.rdev), os.minor(ino.rdev))
+        out[path] = e
+        if fmt != stat.S_IFDIR:
+            by_nid.setdefault(ino.nid, []).append(path)
+    for paths in by_nid.values():
+        if len(paths) > 1:
+            group = tuple(sorted(paths))
+            for p in paths:
+                out[p].hardlinks = group
+    return out
+
+
+def format_diffs(diffs: list[str], what: str) -> str:
+    more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+    return f"{what} ({len(diffs)} differences):\n  " + "\n  ".join(diffs[:20]) + more

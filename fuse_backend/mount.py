@@ -1,0 +1,108 @@
+"""Run a FUSE mount of one image until unmounted or signalled."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pyfuse3
+import trio
+
+from rafsfs.errors import RafsError
+from rafsfs.image import ChunkSource, RafsImage
+
+from .operations import RafsOperations
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 1024  # the kernel then sends up to 1 MiB reads (pyfuse3's max_read option is broken, issue #49)
+MAX_TASKS = 64
+
+
+class MountError(RafsError):
+    pass
+
+
+def preflight(mountpoint: str) -> None:
+    """Say in one line why a mount cannot start, before touching FUSE."""
+    if os.geteuid() != 0:
+        raise MountError("FUSE mounts need root (or CAP_SYS_ADMIN)")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+
+
+def _mount_dev(mountpoint: str) -> str | None:
+    """major:minor of the mount at ``mountpoint``, from mountinfo: stat() on our own FUSE mountpoint would send a
+    request to this very daemon before its loop runs, and hang."""
+    target = mountpoint  # already resolved by the caller: realpath() here would lstat the mount
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                dev = fields[2]  # the last (topmost) mount wins
+    return dev
+
+
+async def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Raise the mount's read-ahead once the kernel has processed FUSE_INIT (which resets it)."""
+    dev = _mount_dev(mountpoint)
+    if dev is None:
+        log.warning("cannot find %s in mountinfo; read-ahead left as is", mountpoint)
+        return
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    for _ in range(20):
+        await trio.sleep(0.05)
+        try:
+            with open(path, "w") as f:
+                f.write(str(kb))
+            with open(path) as f:
+                if int(f.read()) == kb:
+                    await trio.sleep(0.2)  # and once more in case INIT was answered just now
+                    with open(path, "w") as f:
+                        f.write(str(kb))
+                    return
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise read-ahead via %s: %s", path, e)
+            return
+
+
+async def _serve(mountpoint: str, ready) -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for sig in sigs:  # keep receiving: a second signal must not kill us mid-unmount
+                    log.info("signal %s: unmounting", signal.Signals(sig).name)
+                    pyfuse3.terminate()
+
+        nursery.start_soon(on_signals)
+        nursery.start_soon(set_read_ahead, mountpoint)
+        if ready is not None:
+            ready()
+        await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
+        nursery.cancel_scope.cancel()
+
+
+def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, fsname: str = "rafsfs",
+             ready=None, debug: bool = False) -> None:
+    """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts."""
+    mountpoint = os.path.realpath(mountpoint)  # before mounting: afterwards this would ask our own daemon
+    preflight(mountpoint)
+    ops = RafsOperations(image, source)
+    options = set(pyfuse3.default_options)
+    options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}
+    if debug:
+        options.add("debug")
+    pyfuse3.init(ops, mountpoint, options)
+    log.info("mounted %s on %s", image.name, mountpoint)
+    try:
+        trio.run(_serve, mountpoint, ready)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # trio has restored the defaults: don't die before unmounting
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)

@@ -1,0 +1,339 @@
+"""``rafsfs``: the command-line front end.  Parses arguments, calls rafsfs.tools / rafsfs.builder, and turns every
+error into one line on stderr and an exit code:
+
+  0 success; 1 an error (bad image, missing blob, I/O error, check found bad files); 2 usage error;
+  70 internal error (a bug: rerun with -v for the traceback); 130 interrupted; 141 stdout closed early.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from . import __version__
+from .errors import RafsError
+from .image import ChunkSource, RafsImage
+from .tools import Progress, cat, clear_progress, format_bytes, require_source
+
+log = logging.getLogger("rafsfs")
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+_SIZE = re.compile(r"(\d+)\s*([KMG]?)(?:i?B)?", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+def parse_size(text: str) -> int:
+    """'1048576', '64K', '1M', '1MiB' -> bytes (binary units)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 65536, 64K, 1M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+def chunk_size(text: str) -> int:
+    n = parse_size(text)
+    if n < 4096 or n > 16 << 20 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"chunk size {text} must be a power of two from 4K to 16M")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _println(text: str = "") -> None:
+    """Print to stdout; names decoded with surrogateescape go back out as their original bytes."""
+    sys.stdout.buffer.write(os.fsencode(text) + b"\n")
+
+
+@contextmanager
+def _open_source(args: argparse.Namespace, image: RafsImage) -> Iterator[ChunkSource | None]:
+    """The chunk source named by --blob-dir / --device / --config, checked against the image."""
+    from .storage.open import chunk_source_from_args
+
+    source = chunk_source_from_args(args.blob_dir, args.device, args.config)
+    try:
+        if len(args.device) > len(image.devices):
+            raise RafsError(f"{len(args.device)} --device files given, but the image has "
+                            f"{len(image.devices)} device slot(s)")
+        require_source(image, source)
+        yield source
+    finally:
+        if source is not None:
+            source.backend.close()
+
+
+def _read_prefetch_list(path: str) -> list[str]:
+    """One absolute path per line; blank lines and lines starting with '#' are ignored."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    out = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if not line.startswith(b"/"):
+            raise RafsError(f"{path}, line {n}: {os.fsdecode(line)!r} is not an absolute path")
+        out.append(os.fsdecode(line))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_build(args: argparse.Namespace) -> int:
+    from .builder import BuildOptions, build
+
+    prefetch = _read_prefetch_list(args.prefetch_list) if args.prefetch_list else []
+    start = time.monotonic()
+    with Progress("build") as progress:
+        result = build(BuildOptions(
+            source=args.source, bootstrap=args.bootstrap, blob_dir=args.blob_dir, compressor=args.compressor,
+            chunk_size=args.chunk_size, digester=args.digester, prefetch_list=prefetch,
+            progress=lambda done, total: progress.update(done, total=total)))
+    elapsed = max(time.monotonic() - start, 1e-6)
+    _println(f"built {result.bootstrap}: blob {result.blob_id or '(none: no file data)'}, "
+             f"{result.files} files, {result.data_bytes} bytes ({format_bytes(result.data_bytes)}), "
+             f"{result.chunks} chunks, {result.dedup_chunks} deduplicated, blob {format_bytes(result.blob_size)}, "
+             f"{format_bytes(result.data_bytes / elapsed)}/s in {elapsed:.2f}s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .tools.inspect import format_inspect, inspect_image
+
+    with RafsImage.open(args.bootstrap) as image:
+        info = inspect_image(image)
+    _println(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .tools.listing import list_path
+
+    with RafsImage.open(args.bootstrap) as image:
+        for line in list_path(image, args.path, long=args.long):
+            _println(line)
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+
+    with RafsImage.open(args.bootstrap) as image, _open_source(args, image) as source:
+        cat(image, args.path, source, sys.stdout.buffer)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .tools.extract import extract
+
+    with RafsImage.open(args.bootstrap) as image, _open_source(args, image) as source:
+        with Progress("extract") as progress:
+            s = extract(image, source, args.dest, progress=progress)
+    _println(f"extracted {s.files} files ({s.bytes} bytes, {format_bytes(s.bytes)}), {s.dirs} directories, "
+             f"{s.symlinks} symlinks, {s.special} special files, {s.hardlinks} hard links to {args.dest}")
+    if s.skipped or s.xattr_failures:
+        log.warning("%d device nodes skipped, %d xattrs not set", s.skipped, s.xattr_failures)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .tools.check import check_image
+
+    def on_bad(path: str, reason: str) -> None:
+        _error(f"bad: {path}: {reason}")
+
+    with RafsImage.open(args.bootstrap) as image, _open_source(args, image) as source:
+        with Progress("check") as progress:
+            r = check_image(image, source, on_bad=on_bad, progress=progress)
+    if r.metadata_error:
+        _error(f"bad: metadata: {r.metadata_error} (the walk stopped here)")
+    unverified = ""
+    if r.chunks_unverified or r.unverified_bytes:
+        unverified = (f", {r.chunks_unverified} chunks and {r.unverified_bytes} bytes unverified "
+                      "(the image records no digest for them)")
+    _println(f"checked {r.inodes} inodes, {r.files} files, {r.bytes} bytes: {r.chunks_verified} chunks verified"
+             f"{unverified}; {len(r.bad) + bool(r.metadata_error)} bad")
+    return 0 if r.ok else EXIT_ERROR
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log debug messages and show a traceback for internal errors")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS,
+                   help="log threshold on stderr (default: info, or debug with -v); 'warning' hides progress")
+
+    data = argparse.ArgumentParser(add_help=False)
+    g = data.add_argument_group(
+        "file data", "Where the image's data blobs are.  Not needed when all data is inside the image file.")
+    g.add_argument("--blob-dir", metavar="DIR",
+                   help="directory holding the blobs, each named by its 64-hex-digit blob id")
+    g.add_argument("--device", metavar="FILE", action="append", default=[],
+                   help="file for the next device slot, in slot order (like the kernel's -o device=); repeat for "
+                        "several; slots without one are looked up in --blob-dir")
+    g.add_argument("--config", metavar="FILE", help="storage configuration file (not supported yet)")
+
+    parser = argparse.ArgumentParser(
+        prog="rafsfs", parents=[common],
+        description="Build, inspect and unpack Nydus RAFS v6 (and plain uncompressed EROFS) images.",
+        epilog="Exit status: 0 success, 1 error, 2 usage error, 70 internal error, 130 interrupted. "
+               "Run 'rafsfs COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"rafsfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, description: str,
+                *extra: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, *extra], help=help, description=description)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("build", cmd_build, "build a RAFS v6 image (bootstrap + one blob) from a directory or layer tar",
+                "Build a Nydus RAFS v6 bootstrap and one data blob from SOURCE.  The blob is written into "
+                "--blob-dir, named by its id.  Prints one summary line.")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a directory, or an OCI layer tarball (.tar, .tar.gz/.tgz, .tar.zst)")
+    p.add_argument("--bootstrap", metavar="FILE", required=True, help="bootstrap (metadata image) to write")
+    p.add_argument("--blob-dir", metavar="DIR", required=True, help="directory the data blob is written to")
+    p.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd",
+                   help="chunk compression (default: %(default)s; lz4 means raw LZ4 blocks)")
+    p.add_argument("--chunk-size", metavar="SIZE", type=chunk_size, default=1 << 20,
+                   help="chunk size in bytes, or with a K/M suffix; a power of two from 4K to 16M (default: 1M)")
+    p.add_argument("--digester", choices=["blake3", "sha256"], default="blake3",
+                   help="chunk digest algorithm (default: %(default)s)")
+    p.add_argument("--prefetch-list", metavar="FILE",
+                   help="file listing paths to prefetch, one absolute path per line ('#' starts a comment line)")
+
+    p = command("inspect", cmd_inspect, "describe a bootstrap",
+                "Show the superblock, flavour (Nydus RAFS v6 or plain EROFS), block and chunk size, flags and "
+                "features by name, blobs, device slots, the prefetch table and counts from a walk of the tree.")
+    p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    p = command("ls", cmd_ls, "list a directory of the image",
+                "List the entries of directory PATH (without . and ..), or PATH itself when it is not a "
+                "directory.  Symbolic links inside the image are not followed.")
+    p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/", help="path inside the image (default: /)")
+    p.add_argument("-l", dest="long", action="store_true",
+                   help="long format: mode, links, uid, gid, size (or major, minor), mtime, name, -> target")
+
+    p = command("cat", cmd_cat, "write a file's contents to stdout",
+                "Write the bytes of regular file PATH to standard output.  Every chunk read is verified against "
+                "its recorded digest.", data)
+    p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+    p.add_argument("path", metavar="PATH", help="path of a regular file inside the image")
+
+    p = command("extract", cmd_extract, "unpack the whole tree into a directory",
+                "Recreate the image's tree under DEST: data (sparse where the image has holes or zero blocks), "
+                "directories, symlinks, device nodes, fifos, sockets, hard links, xattrs, owners (when run as "
+                "root), modes and mtimes.  Nothing is ever written outside DEST.", data)
+    p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+    p.add_argument("dest", metavar="DEST", help="destination directory: must not exist, or be empty")
+
+    p = command("check", cmd_check, "verify metadata and every chunk of every file",
+                "Walk every inode (directories, symlinks, xattrs) and read every distinct chunk once, checking "
+                "its digest.  Prints each bad path with the reason, then a summary; exits 1 if anything is bad. "
+                "Chunks of images that record no digests (plain EROFS) are counted as unverified.", data)
+    p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"rafsfs: {record.levelname.lower()}: {msg}"
+        elif record.levelno < logging.INFO:
+            msg = f"rafsfs: debug: {record.name}: {msg}"
+        else:
+            msg = f"rafsfs: {msg}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
+class _Handler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        clear_progress()  # a message must not land on the end of a progress line
+        super().emit(record)
+
+
+def _setup_logging(level: int) -> None:
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).replace("\r", " ") or "(no message)"
+
+
+def _error(text: str) -> None:
+    clear_progress()
+    sys.stderr.write(f"rafsfs: {_one_line(text)}\n")
+    sys.stderr.flush()
+
+
+def _os_error_text(e: OSError) -> str:
+    what = e.strerror or str(e)
+    if e.filename is not None:
+        name = os.fsdecode(e.filename) if isinstance(e.filename, (bytes, str)) else str(e.filename)
+        if e.filename2 is not None:
+            name += " -> " + (os.fsdecode(e.filename2) if isinstance(e.filename2, (bytes, str)) else str(e.filename2))
+        return f"{name}: {what}"
+    return what
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away: point stdout at /dev/null so the interpreter's final flush stays silent."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    level = getattr(args, "log_level", None) or ("debug" if verbose else "info")
+    _setup_logging(getattr(logging, level.upper()))
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except RafsError as e:
+        _error(f"error: {e}")
+        return EXIT_ERROR
+    except OSError as e:
+        _error(f"error: {_os_error_text(e)}")
+        return EXIT_ERROR
+    except Exception as e:  # a bug: one line, the traceback only on request
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (run with -v for a traceback)"
+        _error(f"internal error: {type(e).__name__}: {e}{hint}")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
