@@ -56,6 +56,8 @@ def decompress(algo: int, data: bytes, size: int) -> bytes:
         elif algo == COMPRESSOR_GZIP:
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)
             out = d.decompress(bytes(data), size)
+            if not d.eof or d.unconsumed_tail:
+                raise CorruptChunk("gzip chunk is longer than its recorded size or truncated")
         else:
             raise CorruptChunk(f"unknown compressor {algo}")
     except CorruptChunk:

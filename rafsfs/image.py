@@ -182,7 +182,11 @@ class RafsImage:
         # per-instance caches (parsed records are immutable, so concurrent fills are harmless)
         self._inode = lru_cache(maxsize=1 << 16)(self._load_inode)
         self._dir_entries = lru_cache(maxsize=4096)(self._load_dir_entries)
-        self._parse_superblock()
+        try:
+            self._parse_superblock()
+        except BadImage as e:  # errors while opening name the image
+            msg = str(e)
+            raise BadImage(msg if msg.startswith(name) else f"{name}: {msg}") from None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -443,8 +447,8 @@ class RafsImage:
             name = data[start:end]
             if i + 1 == n:
                 name = name.split(b"\0", 1)[0]
-            if not name or len(name) > MAX_NAME:
-                raise BadImage(f"directory {ino.nid}: bad entry name length {len(name)}")
+            if not name or len(name) > MAX_NAME or b"\0" in name:
+                raise BadImage(f"directory {ino.nid}: bad entry name {bytes(name)[:40]!r}")
             out.append(DirEntry(name, d.nid, d.file_type))
         return out
 
@@ -738,6 +742,9 @@ class RafsImage:
             raise BadImage(f"blob {blob.blob_id}: chunk-info array size does not match its chunk count")
         if blob.ci_compressed_size > blob.ci_uncompressed_size + 4096 or blob.ci_uncompressed_size > 1 << 30:
             raise BadImage(f"blob {blob.blob_id}: implausible chunk-info sizes")
+        if blob.compressed_size and blob.ci_offset + blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE \
+                > blob.compressed_size:
+            raise BadImage(f"blob {blob.blob_id}: blob.meta lies beyond the end of the blob")
         raw = source.read_raw(blob, blob.ci_offset, blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE)
         if len(raw) != blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE:
             raise BadImage(f"blob {blob.blob_id}: blob.meta is truncated")
@@ -772,7 +779,7 @@ class RafsImage:
         if not blob.toc_size or not blob.features & bt.FEAT_HAS_TOC:
             return []
         if blob.toc_size < 512 or (blob.toc_size - 512) % TOC_ENTRY_SIZE or blob.toc_size > 1 << 20 \
-                or blob.compressed_size < blob.toc_size:
+                or blob.compressed_size < blob.toc_size or blob.compressed_size > 1 << 40:
             raise BadImage(f"blob {blob.blob_id}: malformed ToC size {blob.toc_size}")
         raw = source.read_raw(blob, blob.compressed_size - blob.toc_size, blob.toc_size)
         if len(raw) != blob.toc_size:

@@ -43,7 +43,17 @@ def decode_v1(buf, off: int) -> ChunkInfo:
     return ChunkInfo(coff, csize, uoff, usize, csize != usize)
 
 
+def _check_encodable(ci: ChunkInfo, max_csize: int) -> None:
+    if not (1 <= ci.uncompressed_size <= MAX_CHUNK_SIZE and 1 <= ci.compressed_size <= max_csize):
+        raise ValueError(f"chunk sizes out of range: {ci}")
+    if ci.uncompressed_offset % 4096 or not 0 <= ci.uncompressed_offset < 1 << 44:
+        raise ValueError(f"uncompressed offset out of range or unaligned: {ci}")
+    if not 0 <= ci.compressed_offset < 1 << 40:
+        raise ValueError(f"compressed offset out of range: {ci}")
+
+
 def encode_v1(ci: ChunkInfo) -> bytes:
+    _check_encodable(ci, MAX_CHUNK_SIZE)
     us, cs = ci.uncompressed_size - 1, ci.compressed_size - 1
     u = ((us & 0xFFFFF) << 44) | (ci.uncompressed_offset & 0xFFF_FFFF_F000) | ((us & 0xF00000) >> 12)
     c = ((cs & 0xFFFFF) << 44) | ((cs & 0xF00000) << 20) | (ci.compressed_offset & 0xFF_FFFF_FFFF)
@@ -62,6 +72,7 @@ def decode_v2(buf, off: int) -> tuple[ChunkInfo, int]:
 
 
 def encode_v2(ci: ChunkInfo) -> bytes:
+    _check_encodable(ci, (1 << 24) - 1)
     flags = CI_V2_COMPRESSED if ci.compressed else 0
     u = (ci.uncompressed_offset >> 12) | ((ci.uncompressed_size - 1) << 32) | (flags << 56)
     c = ci.compressed_offset | (ci.compressed_size << 40)

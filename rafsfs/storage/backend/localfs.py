@@ -41,10 +41,12 @@ class LocalFsBackend(BlobBackend):
 
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
         fd = self._fd(blob)
+        if offset < 0 or size < 0 or offset + size > 1 << 62:
+            raise BlobUnavailable(f"blob {blob.name}: invalid range {offset}+{size}")
         try:
             return os.pread(fd, size, offset)
-        except OSError as e:
-            raise BlobUnavailable(f"blob {blob.name}: read failed: {e.strerror}") from None
+        except (OSError, OverflowError, MemoryError) as e:
+            raise BlobUnavailable(f"blob {blob.name}: read of {size} bytes at {offset} failed: {e}") from None
 
     def size(self, blob: BlobRef) -> int:
         return os.fstat(self._fd(blob)).st_size
