@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -68,7 +69,7 @@ def _open_source(args: argparse.Namespace, image: RafsImage) -> Iterator[ChunkSo
         yield source
     finally:
         if source is not None:
-            source.backend.close()
+            source.close()
 
 
 def _read_prefetch_list(path: str) -> list[str]:
@@ -163,6 +164,76 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if r.ok else EXIT_ERROR
 
 
+def _mode(requested: str) -> str:
+    """The mount mode to use; 'auto' logs its choice and why."""
+    if requested == "fscache":
+        raise RafsError("--mode fscache is not available in this build yet (use --mode fuse or auto)")
+    if requested == "auto":
+        if os.path.exists("/dev/cachefiles"):
+            why = "the kernel has /dev/cachefiles, but this build has no fscache daemon yet"
+        else:
+            why = "the kernel has no /dev/cachefiles (no EROFS-over-fscache on-demand support)"
+        log.info("mode auto: using fuse (%s)", why)
+    return "fuse"
+
+
+def _wait_mounted(mountpoint: str, child: "subprocess.Popen", timeout: float = 60.0) -> bool:
+    target = os.path.realpath(mountpoint)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/self/mountinfo") as f:
+            if any(line.split()[4] == target for line in f):
+                return True
+        if child.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from fuse_backend.mount import preflight, run_fuse  # the CLI is where backends are composed
+
+    _mode(args.mode)
+    mountpoint = os.path.realpath(args.mountpoint)
+    preflight(mountpoint)
+    image = RafsImage.open(args.source)  # a bad image fails here, in one line, before anything is mounted
+    if not args.foreground:
+        image.close()
+        log_file = args.log_file or f"/run/rafsfs/{mountpoint.strip('/').replace('/', '_') or 'root'}.log"
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        argv = [sys.executable, "-m", "rafsfs.cli", "mount", os.path.abspath(args.source), mountpoint,
+                "--foreground", "--mode", args.mode,
+                *(["--config", os.path.abspath(args.config)] if args.config else []),
+                *(["--blob-dir", os.path.abspath(args.blob_dir)] if args.blob_dir else []),
+                *[x for d in args.device for x in ("--device", os.path.abspath(d))]]
+        with open(log_file, "ab") as logf:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                     start_new_session=True, close_fds=True)
+        if not _wait_mounted(mountpoint, child):
+            child.kill()
+            with open(log_file, "rb") as f:
+                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            raise RafsError(f"mount failed: {lines[-1] if lines else 'daemon exited'} (log: {log_file})")
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{child.pid}\n")
+        _println(f"mounted {args.source} on {mountpoint} (fuse, pid {child.pid}, log {log_file})")
+        return 0
+    with _open_source(args, image) as source:
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        run_fuse(image, source, mountpoint)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .sysmount import umount
+
+    umount(os.path.realpath(args.mountpoint), lazy=args.lazy)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ the parser
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -180,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", metavar="FILE", action="append", default=[],
                    help="file for the next device slot, in slot order (like the kernel's -o device=); repeat for "
                         "several; slots without one are looked up in --blob-dir")
-    g.add_argument("--config", metavar="FILE", help="storage configuration file (not supported yet)")
+    g.add_argument("--config", metavar="FILE",
+                   help="storage configuration: nydusd's JSON config or the fscache-shaped one "
+                        "({\"type\": \"bootstrap\", \"config\": {\"backend_type\": ...}}); names the backend "
+                        "(localfs or registry) and the cache; --blob-dir/--device override its blob location")
 
     parser = argparse.ArgumentParser(
         prog="rafsfs", parents=[common],
@@ -244,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
                 "its digest.  Prints each bad path with the reason, then a summary; exits 1 if anything is bad. "
                 "Chunks of images that record no digests (plain EROFS) are counted as unverified.", data)
     p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
+
+    p = command("mount", cmd_mount, "mount an image (FUSE); data is fetched lazily",
+                "Mount the image at MOUNTPOINT read-only.  File data is read on demand through the configured "
+                "backend and chunk cache.  Runs in the background unless --foreground; stop it with "
+                "'rafsfs umount MOUNTPOINT' or SIGTERM, which unmount cleanly.", data)
+    p.add_argument("source", metavar="SOURCE", help="bootstrap file (registry references come later)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    p.add_argument("--mode", choices=["fuse", "fscache", "auto"], default="auto",
+                   help="fuse (userspace), fscache (kernel EROFS on demand; not in this build yet) or auto, "
+                        "which picks the best mode this kernel and build support and logs why (default: auto)")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground (tests, systemd)")
+    p.add_argument("--log-file", metavar="FILE", help="daemon log (default: /run/rafsfs/<mountpoint>.log)")
+    p.add_argument("--pid-file", metavar="FILE", help="write the daemon's pid here")
+
+    p = command("umount", cmd_umount, "unmount a rafsfs mount",
+                "Unmount MOUNTPOINT; the daemon serving it then exits.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", action="store_true", help="detach now even if busy (MNT_DETACH)")
     return parser
 
 

@@ -185,7 +185,10 @@ def test_missing_blob_is_one_line(boot, tmp_path, cmd):
 
 def test_argument_errors_are_one_line(boot, nydus_fixture, tmp_path):
     line = one_line_error(run_rafsfs_proc("cat", boot, "/lib.rs", "--config", tmp_path / "c.json"))
-    assert "not supported yet" in line
+    assert "cannot read config" in line
+    (tmp_path / "bad.json").write_text('{"device": {"backend": {"type": "s3", "config": {}}}}')
+    assert "unsupported backend type" in one_line_error(run_rafsfs_proc("cat", boot, "/lib.rs", "--config",
+                                                                        tmp_path / "bad.json"))
     one_line_error(run_rafsfs_proc("cat", boot, "/lib.rs", "--device", nydus_fixture / BLOB,
                                    "--device", nydus_fixture / BLOB))  # two files for one slot
     one_line_error(run_rafsfs_proc("cat", boot, "/", "--blob-dir", nydus_fixture))  # a directory
@@ -411,3 +414,17 @@ def test_build_then_inspect_check_extract(tmp_path):
     (tree / "bad.list").write_text("relative/path\n")
     one_line_error(run_rafsfs_proc("build", tree, "--bootstrap", tmp_path / "b2", "--blob-dir", blobs,
                                    "--prefetch-list", tree / "bad.list"))
+
+
+def test_config_file_reads_through_the_cache(boot, nydus_fixture, tmp_path):
+    """--config (nydusd JSON, localfs backend, blobcache) gives the same bytes and fills the cache dir."""
+    import json
+
+    work = tmp_path / "cache"
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": str(nydus_fixture)}},
+                      "cache": {"type": "blobcache", "config": {"work_dir": str(work)}}}, "digest_validate": True}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    via_cfg = run_rafsfs_proc("cat", boot, "/lib.rs", "--config", tmp_path / "c.json")
+    direct = run_rafsfs_proc("cat", boot, "/lib.rs", "--blob-dir", nydus_fixture)
+    assert via_cfg.returncode == 0 and via_cfg.stdout == direct.stdout and len(direct.stdout) == 16931
+    assert any(p.name.endswith(".blob.data") for p in work.iterdir())

@@ -233,7 +233,7 @@ def _check(seed: Seed, edits) -> None:
             exercise(data, source)
     finally:
         if source is not None:
-            source.backend.close()
+            source.close()
 
 
 def _seed(fuzz_seeds, name) -> Seed:
@@ -352,7 +352,7 @@ def test_field_extremes(fuzz_seeds, seed_name):
                             f"[{os.path.basename(tb.filename)}:{tb.lineno}]")
         finally:
             if source is not None:
-                source.backend.close()
+                source.close()
         runs += 1
     assert runs > 100
     assert not failures, f"{len(failures)} of {runs} field edits raised a non-RafsError:\n  " + \

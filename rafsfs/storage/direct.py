@@ -59,3 +59,6 @@ class DirectChunkSource:
                 o = c.info.compressed_offset - start
                 out[id(c)] = verify_chunk(blob, c, raw[o:o + c.info.compressed_size], self.verify)
         return [out[id(c)] for c in chunks]
+
+    def close(self) -> None:
+        self.backend.close()

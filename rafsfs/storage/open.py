@@ -1,24 +1,45 @@
-"""Build a ChunkSource from command-line style arguments (``--blob-dir``, ``--device``, later ``--config``)."""
+"""Build a ChunkSource from command-line arguments: ``--config FILE`` or the ``--blob-dir`` / ``--device``
+shorthand for local blobs."""
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-from ..errors import BlobUnavailable, RafsError
+from ..config import RafsConfig, load_config
+from ..errors import BlobUnavailable
+from .backend.base import BlobBackend
 from .backend.localfs import LocalFsBackend
+from .cache.chunk_cache import CacheOptions, ChunkCache
 from .direct import DirectChunkSource
 
 
+def backend_from_config(cfg: RafsConfig) -> BlobBackend:
+    if cfg.backend.type == "registry":
+        from .backend.registry import RegistryBackend
+
+        assert cfg.backend.registry is not None
+        return RegistryBackend(cfg.backend.registry)
+    return LocalFsBackend(cfg.backend.blob_dir, cfg.backend.devices)
+
+
+def source_from_config(cfg: RafsConfig) -> DirectChunkSource | ChunkCache:
+    """The configured backend, behind the chunk cache unless the config says ``none``."""
+    backend = backend_from_config(cfg)
+    if cfg.cache.type == "none":
+        return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io)
+    return ChunkCache(backend, CacheOptions(work_dir=cfg.cache.work_dir, verify=cfg.digest_validate,
+                                            amplify_io=cfg.amplify_io))
+
+
 def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
-                           config: str | None = None) -> DirectChunkSource | None:
-    """A verifying chunk source over local files, or None when no data location was given.
+                           config: str | None = None) -> DirectChunkSource | ChunkCache | None:
+    """A verifying chunk source, or None when no data location was given.
 
     ``blob_dir`` holds blobs named by their id; ``devices`` are files bound to the image's device slots in order
     (like the kernel's ``-o device=``).  Both may be given: slots without a device file fall back to the directory.
-    The caller closes the source with ``source.backend.close()``.
+    ``config`` (nydusd JSON or the fscache shape) may name a registry and a cache; the shorthand options then
+    override its local blob locations.  The caller closes the source with ``source.close()``.
     """
-    if config is not None:
-        raise RafsError("--config is not supported yet (use --blob-dir or --device)")
     if blob_dir is not None and not os.path.isdir(blob_dir):
         why = "is not a directory" if os.path.exists(blob_dir) else "does not exist"
         raise BlobUnavailable(f"blob directory {blob_dir} {why}")
@@ -27,6 +48,11 @@ def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
             raise BlobUnavailable(f"device file {dev} does not exist")
         if os.path.isdir(dev):
             raise BlobUnavailable(f"device file {dev} is a directory")
+    if config is not None:
+        cfg = load_config(config)
+        if blob_dir is not None or devices:
+            cfg.backend.type, cfg.backend.blob_dir, cfg.backend.devices = "localfs", blob_dir, list(devices or ())
+        return source_from_config(cfg)
     if blob_dir is None and not devices:
         return None
     return DirectChunkSource(LocalFsBackend(blob_dir, list(devices or ())))

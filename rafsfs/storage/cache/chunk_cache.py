@@ -204,3 +204,4 @@ class ChunkCache:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
+        self.backend.close()
