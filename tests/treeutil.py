@@ -323,12 +323,7 @@ def snapshot_tree(root: Path | str | bytes) -> dict[bytes, Entry]:
             visit(os.path.join(path, n), rel.rstrip(b"/") + b"/" + n)
 
     visit(top, b"/")
-    for paths in inodes.values():
-        if len(paths) > 1:
-            group = tuple(sorted(paths))
-            for p in paths:
-                out[p].hardlinks = group
-    return out
+    return _mark_hardlinks(out, inodes.values())
 
 
 def _fmt_path(p: bytes) -> str:
@@ -430,7 +425,12 @@ def snapshot_image(image, source=None) -> dict[bytes, Entry]:
         out[path] = e
         if fmt != stat.S_IFDIR:
             by_nid.setdefault(ino.nid, []).append(path)
-    for paths in by_nid.values():
+    return _mark_hardlinks(out, by_nid.values())
+
+
+def _mark_hardlinks(out: dict[bytes, "Entry"], groups) -> dict[bytes, "Entry"]:
+    """Record, on every path of each group of names sharing one inode, the sorted group."""
+    for paths in groups:
         if len(paths) > 1:
             group = tuple(sorted(paths))
             for p in paths:
