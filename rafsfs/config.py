@@ -38,6 +38,7 @@ class BackendConfig:
 class CacheConfig:
     type: str = "blobcache"  # blobcache | fscache | none
     work_dir: str = DEFAULT_WORK_DIR
+    max_size: int = 0  # bytes, 0 = no cap; whole blobs not in use are evicted, least recently used first
 
 
 @dataclass
@@ -152,8 +153,11 @@ def _cache(ctype: str, s: _Section) -> CacheConfig:
     elif ctype not in ("blobcache", "fscache"):
         raise ConfigError(f"{s.where}: unsupported cache type {ctype!r} (blobcache, fscache or none)")
     work_dir = s.get("work_dir", str, DEFAULT_WORK_DIR)
+    max_size = s.get("max_size", int, 0)
+    if max_size < 0:
+        raise ConfigError(f"{s.where}.max_size must not be negative")
     s.warn_unknown(("disable_indexed_map", "compressed", "validate", "prefetch_config"))
-    return CacheConfig(type=ctype, work_dir=work_dir)
+    return CacheConfig(type=ctype, work_dir=work_dir, max_size=max_size)
 
 
 def _prefetch(s: _Section) -> PrefetchConfig:

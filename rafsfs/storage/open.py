@@ -28,7 +28,7 @@ def source_from_config(cfg: RafsConfig) -> DirectChunkSource | ChunkCache:
     if cfg.cache.type == "none":
         return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io)
     return ChunkCache(backend, CacheOptions(work_dir=cfg.cache.work_dir, verify=cfg.digest_validate,
-                                            amplify_io=cfg.amplify_io))
+                                            amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size))
 
 
 def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,

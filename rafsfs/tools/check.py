@@ -1,5 +1,5 @@
 """Verify an image: every directory, symlink and xattr parses, and every chunk of every regular file reads,
-decompresses and matches its recorded digest (verification itself is :func:`rafsfs.storage.direct.verify_chunk`).
+decompresses and matches its recorded digest (verification itself is :func:`rafsfs.storage.fetch.verify_chunk`).
 
 Each distinct chunk is read once, however many files share it.  Chunks of plain EROFS images, and data kept inside
 the bootstrap, carry no digest: they are read (so I/O and bounds errors show) and counted as unverified.

@@ -1,38 +1,36 @@
 """The chunk cache: one cache file per blob in the uncompressed layout plus a persistent per-chunk ready map.
 
-A read asks for chunks; those already marked ready are read from the cache file, the rest are fetched from the
-backend -- adjacent missing chunks merged into one ranged request up to ``amplify_io`` bytes --, decompressed,
-verified against their digest, written into the cache file and only then marked ready.  Concurrent readers of
-one chunk wait for a single fetch (single-flight).
+A read asks for chunks; those already marked ready are read from the cache file, the rest are fetched through the
+shared fetcher (adjacent missing chunks merged into one ranged request up to ``amplify_io`` bytes, groups fetched by
+a worker pool, decompressed, verified against their digest), written into the cache file and only then marked
+ready.  Concurrent readers of one chunk wait for a single fetch (single-flight).  Nothing that fails verification
+is ever written.
 
-Layout under ``work_dir``:
-  ``<blob-id>.blob.data``   sparse file; chunk i's bytes at its uncompressed offset (what fscache wants too)
-  ``<blob-id>.chunk_map``   one byte per chunk-info index: 1 = the data in ``.blob.data`` is verified
+Files and crash safety: see :mod:`.blob_file`.  With ``max_size`` set, whole blobs not in use by any process are
+evicted, least recently used first, when the directory grows past it (:mod:`.store`).
 
-Crash safety: the data is written before its map byte, both through the page cache, so a daemon killed at any
-point leaves either a ready chunk with its bytes in place or a chunk that is fetched again; never a ready chunk
-with wrong bytes (``fsync`` on ``sync=True`` extends this to power loss).
-
-The cache is synchronous and thread-safe; the daemons call it from worker threads.
+The cache is synchronous and thread-safe; the daemons call it from worker threads.  Background prefetch calls
+:meth:`ChunkCache.ensure` with ``background=True`` and yields to on-demand reads (:meth:`wait_idle`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
 from ...image import BlobInfo, ChunkRef, RafsImage
-from ..backend.base import BlobBackend, check_blob_id
-from ..direct import DirectChunkSource, merge_ranges, verify_chunk
+from ..backend.base import BlobBackend
+from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher
+from . import store
+from .blob_file import BlobCacheFile, entry_name
 from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AMPLIFY_IO = 1 << 20
+_EVICT_CHECK_BYTES = 64 << 20  # with a size cap, look at the directory's usage after this many new bytes
 
 
 @dataclass
@@ -41,39 +39,8 @@ class CacheOptions:
     verify: bool = True  # digest validation of fetched chunks
     amplify_io: int = DEFAULT_AMPLIFY_IO  # largest merged backend request, bytes
     sync: bool = False  # fsync data before marking chunks ready
-
-
-class _BlobCache:
-    """Cache file + ready map of one blob."""
-
-    def __init__(self, work_dir: str, blob: BlobInfo):
-        name = check_blob_id(blob.blob_id) if blob.blob_id else f"device{blob.index}"
-        self.data_path = os.path.join(work_dir, name + ".blob.data")
-        self.map_path = os.path.join(work_dir, name + ".chunk_map")
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        self.data_fd = os.open(self.data_path, flags, 0o600)
-        self.map_fd = os.open(self.map_path, flags, 0o600)
-        n = max(blob.chunk_count, 1)
-        if os.fstat(self.map_fd).st_size != n:
-            # a map of another size belongs to another layout: start over
-            os.ftruncate(self.map_fd, 0)
-            os.ftruncate(self.map_fd, n)
-            os.ftruncate(self.data_fd, 0)
-        if blob.uncompressed_size and os.fstat(self.data_fd).st_size < blob.uncompressed_size:
-            os.ftruncate(self.data_fd, blob.uncompressed_size)
-        self.ready = bytearray(os.pread(self.map_fd, n, 0))
-        self.lock = threading.Lock()
-
-    def is_ready(self, ci: int) -> bool:
-        return ci < len(self.ready) and self.ready[ci] == 1
-
-    def mark_ready(self, ci: int) -> None:
-        os.pwrite(self.map_fd, b"\1", ci)
-        self.ready[ci] = 1
-
-    def close(self) -> None:
-        os.close(self.data_fd)
-        os.close(self.map_fd)
+    workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
+    max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
 
 
 class ChunkCache:
@@ -82,41 +49,66 @@ class ChunkCache:
     def __init__(self, backend: BlobBackend, options: CacheOptions, metrics: CacheMetrics | None = None):
         self.backend = backend
         self.opts = options
-        self.metrics = metrics or CacheMetrics()
-        os.makedirs(options.work_dir, exist_ok=True)
-        self._blobs: dict[str, _BlobCache] = {}
+        self.fetcher = ChunkFetcher(backend, verify=options.verify, amplify_io=options.amplify_io,
+                                    workers=options.workers, metrics=metrics)
+        self.metrics = self.fetcher.metrics
+        try:
+            os.makedirs(options.work_dir, exist_ok=True)
+        except OSError as e:
+            raise BlobUnavailable(f"cannot create cache directory {options.work_dir}: {e.strerror}") from None
+        self._blobs: dict[str, BlobCacheFile] = {}
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
-        # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
-        self._direct = DirectChunkSource(backend, options.verify, options.amplify_io)
+        self._demand = 0  # on-demand ensure() calls running now
+        self._idle = threading.Condition(self._lock)
+        self._since_evict = 0
 
     # ------------------------------------------------------------------ ChunkSource
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        return self._backend_read(blob, offset, size)
+        return self.fetcher.read_range(blob, offset, size)
 
     def read_chunks(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         if not blob.nydus:
-            return self._direct.read_chunks(image, blob, chunks)
-        return [self._read_one(blob, c) for c in self.ensure(blob, chunks)]
+            # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
+            out: dict[int, bytes] = {}
+            err = self.fetcher.fetch(blob, chunks, lambda c, d, e: out.__setitem__(id(c), d) if d else None)
+            if err is not None:
+                raise err
+            return [out[id(c)] for c in chunks]
+        bc = self._blob(blob)
+        self.ensure(blob, chunks)
+        out_list = []
+        for c in chunks:
+            data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
+            if len(data) != c.info.uncompressed_size:
+                raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
+            self.metrics.served(len(data))
+            out_list.append(data)
+        return out_list
 
     # ------------------------------------------------------------------ the mechanism
-    def _blob(self, blob: BlobInfo) -> _BlobCache:
-        key = blob.blob_id or f"device{blob.index}"
+    def _blob(self, blob: BlobInfo) -> BlobCacheFile:
+        key = entry_name(blob)
         with self._lock:
             bc = self._blobs.get(key)
             if bc is None:
-                bc = self._blobs[key] = _BlobCache(self.opts.work_dir, blob)
-            return bc
+                bc = self._blobs[key] = BlobCacheFile(self.opts.work_dir, blob)
+                new = True
+            else:
+                new = False
+        if new and self.opts.max_size:
+            self._evict()
+        return bc
 
-    def _read_one(self, blob: BlobInfo, c: ChunkRef) -> bytes:
-        bc = self._blob(blob)
-        data = os.pread(bc.data_fd, c.info.uncompressed_size, c.info.uncompressed_offset)
-        if len(data) != c.info.uncompressed_size:
-            raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
-        self.metrics.served(len(data))
-        return data
+    def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
+        return self._blob(blob).is_ready(chunk.ci_index)
 
-    def ensure(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[ChunkRef]:
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no on-demand read is fetching (background work goes behind on-demand reads)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._demand == 0, timeout)
+
+    def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False) -> list[ChunkRef]:
         """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
         thread right now are waited for instead of fetched again."""
         bc = self._blob(blob)
@@ -125,83 +117,90 @@ class ChunkCache:
         with self._lock:
             for c in chunks:
                 if bc.is_ready(c.ci_index):
-                    self.metrics.hit()
+                    if not background:
+                        self.metrics.hit()
                     continue
-                key = (bc.data_path, c.ci_index)
+                key = (bc.name, c.ci_index)
                 fut = self._inflight.get(key)
                 if fut is not None:
                     waits.append(fut)
-                    self.metrics.hit()
+                    if not background:
+                        self.metrics.hit()
+                    continue
+                if any(m.ci_index == c.ci_index for m in mine):
                     continue
                 fut = Future()
                 self._inflight[key] = fut
                 mine.append(c)
-                self.metrics.miss()
-        error: BaseException | None = None
-        if mine:
-            error = self._fetch(blob, bc, mine)
-        for f in waits:
-            exc = f.exception()
-            if exc is not None and error is None:
-                error = exc
+                if background:
+                    self.metrics.prefetched()
+                else:
+                    self.metrics.miss()
+            if not background:
+                self._demand += 1
+        try:
+            error: BaseException | None = None
+            if mine:
+                error = self._fetch(blob, bc, mine)
+            for f in waits:
+                exc = f.exception()
+                if exc is not None and error is None:
+                    error = exc
+        finally:
+            if not background:
+                with self._idle:
+                    self._demand -= 1
+                    if self._demand == 0:
+                        self._idle.notify_all()
         if error is not None:
             raise error
         return chunks
 
-    def _fetch(self, blob: BlobInfo, bc: _BlobCache, chunks: list[ChunkRef]) -> BaseException | None:
-        """Fetch ``chunks`` (all claimed by this thread) in merged requests; settle their futures either way."""
-        first_error: BaseException | None = None
-        for group in merge_ranges(chunks, self.opts.amplify_io):
-            start = group[0].info.compressed_offset
-            end = group[-1].info.compressed_offset + group[-1].info.compressed_size
-            try:
-                raw = self._backend_read(blob, start, end - start)
-            except RafsError as e:
-                for c in group:
-                    self._settle(bc, c, e)
-                first_error = first_error or e
-                continue
-            for c in group:
-                o = c.info.compressed_offset - start
-                try:
-                    data = verify_chunk(blob, c, raw[o:o + c.info.compressed_size], self.opts.verify)
-                    os.pwrite(bc.data_fd, data, c.info.uncompressed_offset)
-                    if self.opts.sync:
-                        os.fdatasync(bc.data_fd)
-                    bc.mark_ready(c.ci_index)
-                    self._settle(bc, c, None)
-                except (RafsError, OSError) as e:
-                    if isinstance(e, OSError):
-                        e = BlobUnavailable(f"cache write failed: {e.strerror}")
-                    self.metrics.error()
-                    self._settle(bc, c, e)
-                    first_error = first_error or e
-        return first_error
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> RafsError | None:
+        """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way."""
+        failed: list[RafsError] = []
 
-    def _settle(self, bc: _BlobCache, c: ChunkRef, exc: BaseException | None) -> None:
+        def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
+            if data is not None:
+                try:
+                    bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
+                except OSError as e:
+                    err = BlobUnavailable(f"cache write failed: {e.strerror}")
+                    self.metrics.error()
+            if err is not None:
+                failed.append(err)
+            self._settle(bc, c, err)
+
+        error = self.fetcher.fetch(blob, chunks, store_chunk)
+        if self.opts.max_size:
+            with self._lock:
+                self._since_evict += sum(c.info.uncompressed_size for c in chunks)
+                due = self._since_evict >= _EVICT_CHECK_BYTES
+                if due:
+                    self._since_evict = 0
+            if due:
+                self._evict()
+        return error or (failed[0] if failed else None)
+
+    def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
         with self._lock:
-            fut = self._inflight.pop((bc.data_path, c.ci_index))
+            fut = self._inflight.pop((bc.name, c.ci_index))
         if exc is None:
             fut.set_result(None)
         else:
             fut.set_exception(exc)
 
-    def _backend_read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        t0 = time.perf_counter()
-        self.metrics.request_started()
-        try:
-            data = self.backend.read(blob.ref, offset, size)
-        finally:
-            self.metrics.request_done(time.perf_counter() - t0)
-        if len(data) != size:
-            raise BlobUnavailable(f"blob {blob.ref.name}: backend returned {len(data)} of {size} bytes "
-                                  f"at offset {offset}")
-        self.metrics.fetched(len(data))
-        return data
+    def _evict(self) -> None:
+        removed = store.evict(self.opts.work_dir, self.opts.max_size)
+        if removed:
+            self.metrics.evicted(len(removed))
+        elif store.usage(self.opts.work_dir) > self.opts.max_size:
+            log.debug("cache %s is over its cap of %d bytes, but every blob in it is in use",
+                      self.opts.work_dir, self.opts.max_size)
 
     def close(self) -> None:
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
-        self.backend.close()
+        self.fetcher.close()

@@ -16,6 +16,8 @@ class CacheMetrics:
     inflight: int = 0
     bytes_fetched: int = 0
     bytes_served: int = 0
+    prefetched_chunks: int = 0  # chunks fetched by background prefetch
+    evicted_blobs: int = 0
     _latencies: list[float] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -26,6 +28,14 @@ class CacheMetrics:
     def miss(self) -> None:
         with self._lock:
             self.misses += 1
+
+    def prefetched(self, n: int = 1) -> None:
+        with self._lock:
+            self.prefetched_chunks += n
+
+    def evicted(self, n: int) -> None:
+        with self._lock:
+            self.evicted_blobs += n
 
     def error(self) -> None:
         with self._lock:
@@ -62,4 +72,5 @@ class CacheMetrics:
             return {"hits": self.hits, "misses": self.misses, "errors": self.errors,
                     "backend_requests": self.backend_requests, "inflight": self.inflight,
                     "bytes_fetched": self.bytes_fetched, "bytes_served": self.bytes_served,
+                    "prefetched_chunks": self.prefetched_chunks, "evicted_blobs": self.evicted_blobs,
                     "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}}

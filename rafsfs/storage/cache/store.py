@@ -1,0 +1,117 @@
+"""The cache directory as a whole: list its entries, and evict whole blobs not in use (least recently used first).
+
+Used by the chunk cache to keep under its size cap and by ``rafsfs cache ls|gc``.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+
+from .blob_file import DATA_SUFFIX, MAP_SUFFIX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    name: str  # blob id (or deviceN)
+    chunks_total: int
+    chunks_ready: int
+    disk_bytes: int  # allocated bytes of data + map
+    last_used: float  # epoch seconds
+    in_use: bool  # a process holds it open
+
+    def as_dict(self) -> dict:
+        return {"blob": self.name, "chunks_ready": self.chunks_ready, "chunks_total": self.chunks_total,
+                "disk_bytes": self.disk_bytes, "last_used": self.last_used, "in_use": self.in_use}
+
+
+def _busy(map_path: str) -> bool:
+    try:
+        fd = os.open(map_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def list_entries(work_dir: str) -> list[CacheEntry]:
+    """Every blob entry in ``work_dir``, least recently used first."""
+    try:
+        names = os.listdir(work_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for fn in names:
+        if not fn.endswith(MAP_SUFFIX):
+            continue
+        name = fn[:-len(MAP_SUFFIX)]
+        map_path = os.path.join(work_dir, fn)
+        try:
+            st = os.lstat(map_path)
+            with open(map_path, "rb") as f:
+                ready = f.read().count(1)
+        except OSError:
+            continue
+        out.append(CacheEntry(name, st.st_size, ready, _allocated(map_path)
+                              + _allocated(os.path.join(work_dir, name + DATA_SUFFIX)),
+                              st.st_mtime, _busy(map_path)))
+    out.sort(key=lambda e: e.last_used)
+    return out
+
+
+def remove_entry(work_dir: str, name: str) -> bool:
+    """Delete one entry unless some process has it open.  True if it was removed."""
+    map_path = os.path.join(work_dir, name + MAP_SUFFIX)
+    try:
+        fd = os.open(map_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        # data first: an entry with a map but no data would look ready to nobody (sizes are re-checked on open)
+        for path in (os.path.join(work_dir, name + DATA_SUFFIX), map_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return True
+    finally:
+        os.close(fd)
+
+
+def usage(work_dir: str) -> int:
+    return sum(e.disk_bytes for e in list_entries(work_dir))
+
+
+def evict(work_dir: str, max_bytes: int | None = None) -> list[CacheEntry]:
+    """Remove entries not in use, least recently used first, until the directory holds at most ``max_bytes``
+    (``None``: remove every entry not in use).  Returns the removed entries."""
+    entries = list_entries(work_dir)
+    total = sum(e.disk_bytes for e in entries)
+    removed = []
+    for e in entries:
+        if max_bytes is not None and total <= max_bytes:
+            break
+        if not e.in_use and remove_entry(work_dir, e.name):
+            removed.append(e)
+            total -= e.disk_bytes
+            log.info("cache: evicted blob %s (%d bytes)", e.name, e.disk_bytes)
+    return removed
