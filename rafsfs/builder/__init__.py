@@ -8,7 +8,7 @@ from typing import BinaryIO
 from ..compression import COMPRESSOR_BY_NAME, DIGESTER_BY_NAME
 from ..errors import BuildError
 from .blob_writer import BlobWriter
-from .bootstrap_writer import write_bootstrap
+from .bootstrap_writer import BlobPart, write_bootstrap
 from .options import BuildOptions, BuildResult
 from .tree import Node, scan_source
 
@@ -87,7 +87,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise
     try:
         inodes = write_bootstrap(opts.bootstrap, root, chunk_size=cs, compressor=compressor, digester=digester,
-                                 blob=entry, chunks=writer.chunks, prefetch=prefetch)
+                                 blobs=[BlobPart(entry, writer.chunks)] if entry else [], prefetch=prefetch)
     except OSError as e:
         raise BuildError(f"cannot write bootstrap {opts.bootstrap}: {e.strerror}") from None
     except ValueError as e:

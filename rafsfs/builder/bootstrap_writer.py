@@ -193,7 +193,7 @@ class BootstrapLayout:
                 blk += len(p.full_blocks) // BLK
         return blk * BLK
 
-    def inode_bytes(self, p: _Placed, chunk_infos: list[StoredChunk]) -> bytes:
+    def inode_bytes(self, p: _Placed, blobs: list["BlobPart"]) -> bytes:
         n = p.node
         fmt = 1 | (p.layout << 1)
         if p.layout == LAYOUT_CHUNK_BASED:
@@ -211,18 +211,34 @@ class BootstrapLayout:
                             nlink=p.nlink).pack() + p.xattr_blob
         if p.layout == LAYOUT_CHUNK_BASED:
             rec += bytes(round_up(len(rec), CHUNK_INDEX_SIZE) - len(rec))
-            rec += b"".join(ChunkIndex.nydus(0, ci, chunk_infos[ci].info.uncompressed_offset // BLK).pack()
+            if n.chunks and not 0 <= n.blob_index < len(blobs):
+                raise ValueError(f"inode {p.ino}: blob index {n.blob_index} out of range")
+            infos = blobs[n.blob_index].chunks if n.chunks else []
+            rec += b"".join(ChunkIndex.nydus(n.blob_index, ci, infos[ci].info.uncompressed_offset // BLK).pack()
                             for ci in n.chunks)
         elif p.layout == LAYOUT_FLAT_INLINE:
             rec += p.tail
         return rec
 
 
+@dataclass
+class BlobPart:
+    """One data blob of the image: its blob table entry and its stored chunks (``Node.chunks`` index these)."""
+
+    entry: bt.BlobEntry
+    chunks: list[StoredChunk]
+
+
 def write_bootstrap(path: str, root: Node, *, chunk_size: int, compressor: int, digester: int,
-                    blob: bt.BlobEntry | None, chunks: list[StoredChunk], prefetch: list[bytes]) -> int:
-    """Write the bootstrap file; returns the number of inodes."""
+                    blobs: list[BlobPart], prefetch: list[bytes]) -> int:
+    """Write the bootstrap file; returns the number of inodes.  ``Node.blob_index`` picks the node's blob."""
+    if len(blobs) > 254:
+        raise ValueError(f"{len(blobs)} blobs: RAFS v6 allows at most 254")
+    for i, b in enumerate(blobs):
+        if b.entry.blob_index != i:
+            raise ValueError(f"blob {i} has blob_index {b.entry.blob_index}")
     layout = BootstrapLayout(root, chunk_size)
-    nblobs = 1 if blob is not None else 0
+    nblobs = len(blobs)
     blob_table_off = round_up(1408 + 128 * nblobs, BLK)
     prefetch_off = blob_table_off + bt.BLOB_ENTRY_SIZE * nblobs
     meta_base = round_up(prefetch_off + 4 * len(prefetch), BLK)  # room for every entry, resolved or not
@@ -236,20 +252,19 @@ def write_bootstrap(path: str, root: Node, *, chunk_size: int, compressor: int, 
     prefetch_bytes += bytes(4 * len(prefetch) - len(prefetch_bytes))  # unresolved entries: 0 ends the list
 
     # legacy chunk table (nydusd's per-chunk lookups fall back to it), sorted by (digest, blob index)
-    table = b""
-    if blob is not None:
-        table = b"".join(
-            ChunkTableEntry(digest=c.digest, blob_index=0, flags=1 if c.info.compressed else 0,
-                            compressed_size=c.info.compressed_size, uncompressed_size=c.info.uncompressed_size,
-                            compressed_offset=c.info.compressed_offset,
-                            uncompressed_offset=c.info.uncompressed_offset, index=i).pack()
-            for i, c in sorted(enumerate(chunks), key=lambda ic: ic[1].digest))
+    table = b"".join(
+        ChunkTableEntry(digest=c.digest, blob_index=bi, flags=1 if c.info.compressed else 0,
+                        compressed_size=c.info.compressed_size, uncompressed_size=c.info.uncompressed_size,
+                        compressed_offset=c.info.compressed_offset,
+                        uncompressed_offset=c.info.uncompressed_offset, index=i).pack()
+        for bi, i, c in sorted(((bi, i, c) for bi, b in enumerate(blobs) for i, c in enumerate(b.chunks)),
+                               key=lambda e: (e[2].digest, e[0])))
     chunk_table_off = end if table else 0
     total = round_up(end + len(table), BLK)
 
     buf = bytearray(total)
     for p in layout.placed:
-        rec = layout.inode_bytes(p, chunks)
+        rec = layout.inode_bytes(p, blobs)
         buf[p.offset:p.offset + len(rec)] = rec
         if p.full_blocks:
             buf[p.blkaddr * BLK:p.blkaddr * BLK + len(p.full_blocks)] = p.full_blocks
@@ -262,9 +277,9 @@ def write_bootstrap(path: str, root: Node, *, chunk_size: int, compressor: int, 
     flags |= sbf.FLAG_EXPLICIT_UID_GID | sbf.FLAG_ENCRYPTION_NONE
     if any(p.xattr_blob for p in layout.placed):
         flags |= sbf.FLAG_HAS_XATTR
-    if blob is not None:
+    if blobs:
         flags |= sbf.FLAG_INLINED_CHUNK_DIGEST
-    blocks = blob.uncompressed_size // BLK if blob is not None else 0
+    blocks = sum(b.entry.uncompressed_size // BLK for b in blobs)
     sb = sbf.SuperBlock(feature_compat=sbf.COMPAT_RAFS_V6, blkszbits=12, root_nid=layout.placed[0].nid,
                         inos=len(layout.placed), blocks=blocks, meta_blkaddr=meta_base // BLK,
                         feature_incompat=sbf.INCOMPAT_NYDUS, extra_devices=nblobs,
@@ -276,12 +291,15 @@ def write_bootstrap(path: str, root: Node, *, chunk_size: int, compressor: int, 
                             prefetch_table_size=len(prefetch_bytes) if prefetch_nids else 0)
     buf[sbf.SB_OFFSET:sbf.SB_OFFSET + 128] = sb.pack()
     buf[sbf.EXT_SB_OFFSET:sbf.EXT_SB_OFFSET + 256] = ext.pack()
-    if blob is not None:
-        # where the blob would start in a flat "unified" device (nydus-image aligns to 512 KiB)
-        mapped = round_up(total, 0x80000) // BLK
-        slot = sbf.DeviceSlot(tag=blob.blob_id, blocks=blocks, mapped_blkaddr=mapped)
-        buf[1408:1408 + 128] = slot.pack()
-        buf[blob_table_off:blob_table_off + bt.BLOB_ENTRY_SIZE] = blob.pack()
+    # where each blob would start in a flat "unified" device (nydus-image aligns each to 512 KiB)
+    mapped = round_up(total, 0x80000) // BLK
+    for i, b in enumerate(blobs):
+        dblocks = b.entry.uncompressed_size // BLK
+        slot = sbf.DeviceSlot(tag=b.entry.blob_id, blocks=dblocks, mapped_blkaddr=mapped)
+        buf[1408 + 128 * i:1408 + 128 * (i + 1)] = slot.pack()
+        off = blob_table_off + bt.BLOB_ENTRY_SIZE * i
+        buf[off:off + bt.BLOB_ENTRY_SIZE] = b.entry.pack()
+        mapped += round_up(dblocks * BLK, 0x80000) // BLK
     if prefetch_nids:
         buf[prefetch_off:prefetch_off + len(prefetch_bytes)] = prefetch_bytes
     with open(path, "wb") as f:

@@ -36,13 +36,15 @@ class Node:
     target: bytes = b""  # symlink target
     children: dict[bytes, "Node"] = field(default_factory=dict)
     chunks: list[int] = field(default_factory=list)  # chunk-info indexes, one per chunk of a regular file
+    blob_index: int = 0  # which blob ``chunks`` index into (a multi-layer build has one blob per layer)
+    implicit: bool = False  # a directory a tar only implies (a parent of an entry, no entry of its own)
 
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
 
-def new_dir(mode: int = 0o755) -> Node:
-    return Node(mode=stat.S_IFDIR | mode)
+def new_dir(mode: int = 0o755, implicit: bool = False) -> Node:
+    return Node(mode=stat.S_IFDIR | mode, implicit=implicit)
 
 
 def _keep_xattrs(path: str, xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -157,11 +159,13 @@ def _open_tar(path: str) -> tuple[tarfile.TarFile, list]:
     return tf, closers
 
 
-def scan_tar(path: str, sink: DataSink) -> Node:
+def scan_tar(path: str, sink: DataSink, lower: Callable[[bytes], Node | None] | None = None) -> Node:
     """Scan an OCI layer tarball in archive order.  Whiteouts (``.wh.*`` files) are kept as they are, the way
-    Nydus keeps them in a per-layer image; a later entry for the same path replaces an earlier one."""
+    Nydus keeps them in a per-layer image; a later entry for the same path replaces an earlier one.  A hard link
+    whose target is not in this archive is looked up with ``lower`` (the layers below, for a multi-layer build).
+    Directories the archive only implies are marked ``implicit``."""
     tf, closers = _open_tar(path)
-    root = new_dir()
+    root = new_dir(implicit=True)
     by_path: dict[bytes, Node] = {b"": root}
     try:
         for m in tf:
@@ -174,11 +178,15 @@ def scan_tar(path: str, sink: DataSink) -> Node:
             key = b"/".join(parts)
             if not parts:  # the root itself
                 _apply_tar_meta(root, m)
+                root.implicit = False
                 continue
             parent = _tar_parent(by_path, parts)
             if m.islnk():
                 tparts = [p for p in os.fsencode(m.linkname).split(b"/") if p not in (b"", b".")]
-                target = by_path.get(b"/".join(tparts))
+                tkey = b"/".join(tparts)
+                target = by_path.get(tkey)
+                if target is None and lower is not None and b".." not in tparts:
+                    target = lower(tkey)
                 if target is None or target.is_dir():
                     raise BuildError(f"{path}: hardlink {m.name!r} to missing entry {m.linkname!r}")
                 parent.children[parts[-1]] = target
@@ -191,6 +199,7 @@ def scan_tar(path: str, sink: DataSink) -> Node:
                     parent.children[parts[-1]] = node
                     by_path[key] = node
                 _apply_tar_meta(node, m)
+                node.implicit = False
                 continue
             node = Node(mode=0)
             _apply_tar_meta(node, m)
@@ -236,7 +245,7 @@ def _tar_parent(by_path: dict[bytes, Node], parts: list[bytes]) -> Node:
         key = b"/".join(parts[:i + 1])
         child = by_path.get(key)
         if child is None or not child.is_dir():
-            child = new_dir()
+            child = new_dir(implicit=True)
             node.children[parts[i]] = child
             by_path[key] = child
         node = child
