@@ -11,17 +11,23 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import RafsError
 from .image import ChunkSource, RafsImage
 from .tools import Progress, cat, clear_progress, format_bytes, require_source
+
+if TYPE_CHECKING:
+    from .config import RafsConfig
+    from .storage.cache.prefetch import Prefetcher
 
 log = logging.getLogger("rafsfs")
 
@@ -56,11 +62,14 @@ def _println(text: str = "") -> None:
 
 
 @contextmanager
-def _open_source(args: argparse.Namespace, image: RafsImage) -> Iterator[ChunkSource | None]:
-    """The chunk source named by --blob-dir / --device / --config, checked against the image."""
-    from .storage.open import chunk_source_from_args
+def _open_source(args: argparse.Namespace, image: RafsImage,
+                 cfg: "RafsConfig | None" = None) -> Iterator[ChunkSource | None]:
+    """The chunk source named by --blob-dir / --device / --config (or by ``cfg``), checked against the image."""
+    from .storage.open import config_from_args, source_from_config
 
-    source = chunk_source_from_args(args.blob_dir, args.device, args.config)
+    if cfg is None:
+        cfg = config_from_args(args.blob_dir, args.device, args.config)
+    source = None if cfg is None else source_from_config(cfg)
     try:
         if len(args.device) > len(image.devices):
             raise RafsError(f"{len(args.device)} --device files given, but the image has "
@@ -202,9 +211,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_file = args.log_file or f"/run/rafsfs/{mountpoint.strip('/').replace('/', '_') or 'root'}.log"
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         argv = [sys.executable, "-m", "rafsfs.cli", "mount", os.path.abspath(args.source), mountpoint,
-                "--foreground", "--mode", args.mode,
+                "--foreground", "--mode", args.mode, "--apisock", _apisock(args, mountpoint),
                 *(["--config", os.path.abspath(args.config)] if args.config else []),
                 *(["--blob-dir", os.path.abspath(args.blob_dir)] if args.blob_dir else []),
+                *(["--prefetch-files", os.path.abspath(args.prefetch_files)] if args.prefetch_files else []),
                 *[x for d in args.device for x in ("--device", os.path.abspath(d))]]
         with open(log_file, "ab") as logf:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -219,12 +229,61 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 f.write(f"{child.pid}\n")
         _println(f"mounted {args.source} on {mountpoint} (fuse, pid {child.pid}, log {log_file})")
         return 0
-    with _open_source(args, image) as source:
+    from .storage.open import config_from_args
+
+    cfg = config_from_args(args.blob_dir, args.device, args.config)
+    with _open_source(args, image, cfg) as source, _serve_api(args, mountpoint, source) as api:
         if args.pid_file:
             with open(args.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        run_fuse(image, source, mountpoint)
+        prefetcher = _start_prefetch(args, image, source, cfg)
+        try:
+            run_fuse(image, source, mountpoint, ready=api.running)
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
     return 0
+
+
+def _apisock(args: argparse.Namespace, mountpoint: str) -> str:
+    from .api import default_apisock
+
+    return os.path.abspath(args.apisock) if args.apisock else default_apisock(mountpoint)
+
+
+def _serve_api(args: argparse.Namespace, mountpoint: str, source: ChunkSource | None):
+    """The daemon's nydusd-compatible API (what 'rafsfs stats' reads), for as long as the mount runs."""
+    import secrets
+
+    from .api.server import DaemonHooks, MountEntry, serve_api
+
+    metrics = getattr(source, "metrics", None)
+    hooks = DaemonHooks(metrics=metrics.snapshot if metrics is not None else None,
+                        on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
+                        mounts=[MountEntry(mountpoint=mountpoint, bootstrap=os.path.abspath(args.source))])
+    return serve_api(_apisock(args, mountpoint), secrets.token_hex(10), hooks)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .api.stats import format_stats, read_stats
+
+    if (args.mountpoint is None) == (args.apisock is None):
+        raise RafsError("give a MOUNTPOINT or --apisock SOCK (one of them)")
+    stats = read_stats(_apisock(args, os.path.realpath(args.mountpoint or "/")))
+    _println(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _start_prefetch(args: argparse.Namespace, image: RafsImage, source: ChunkSource | None,
+                    cfg: "RafsConfig | None") -> "Prefetcher | None":
+    """Background prefetch into the chunk cache: the image's prefetch table and whole blobs as the config's
+    ``fs_prefetch`` says (the table by default when no config is given), plus ``--prefetch-files``."""
+    from .storage.cache.prefetch import PrefetchPlan, start_prefetch
+
+    paths = _read_prefetch_list(args.prefetch_files) if args.prefetch_files else []
+    pf = cfg.prefetch if cfg is not None and args.config else None
+    plan = PrefetchPlan(use_table=pf.enable if pf else True, paths=paths, whole_blobs=bool(pf and pf.prefetch_all))
+    return start_prefetch(image, source, plan, threads=pf.threads if pf else 2)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -328,9 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fuse", "fscache", "auto"], default="auto",
                    help="fuse (userspace), fscache (kernel EROFS on demand; not in this build yet) or auto, "
                         "which picks the best mode this kernel and build support and logs why (default: auto)")
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="file listing paths (files or directories, one absolute path per line) to fetch into the "
+                        "cache in the background after mounting, behind on-demand reads; needs a cache (--config)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground (tests, systemd)")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: /run/rafsfs/<mountpoint>.log)")
     p.add_argument("--pid-file", metavar="FILE", help="write the daemon's pid here")
+    p.add_argument("--apisock", metavar="SOCK",
+                   help="the daemon's nydusd-compatible API socket (default: /run/rafsfs/<mountpoint>.sock)")
+
+    p = command("stats", cmd_stats, "show a running daemon's data-path counters",
+                "Ask the daemon serving MOUNTPOINT (or listening on --apisock) for its chunk cache counters: hits, "
+                "misses, bytes fetched from the backend and served to readers, fetch latency percentiles and "
+                "in-flight backend requests.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="a mount made by 'rafsfs mount'")
+    p.add_argument("--apisock", metavar="SOCK", help="the daemon's API socket instead of MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("umount", cmd_umount, "unmount a rafsfs mount",
                 "Unmount MOUNTPOINT; the daemon serving it then exits.")

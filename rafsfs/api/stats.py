@@ -1,0 +1,39 @@
+"""``rafsfs stats``: read a running daemon's cache metrics and lay them out for people."""
+from __future__ import annotations
+
+from ..tools import format_bytes
+from .client import ApiClient
+
+FIELDS = ("hits", "misses", "errors", "backend_requests", "inflight", "bytes_fetched", "bytes_served")
+
+
+def read_stats(apisock: str) -> dict:
+    """The daemon's id, state and cache counters as one flat dict."""
+    client = ApiClient(apisock)
+    info = client.daemon_info()
+    cache = client.cache_metrics()
+    out = {"id": info.get("id"), "state": info.get("state"), "apisock": apisock}
+    out.update({k: cache.get(k, 0) for k in FIELDS})
+    out["latency_ms"] = cache.get("latency_ms") or {"p50": None, "p90": None, "p99": None}
+    return out
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} ms"
+
+
+def format_stats(s: dict) -> str:
+    lat = s["latency_ms"]
+    rows = [
+        ("daemon", f"{s['id']} ({s['state']}, {s['apisock']})"),
+        ("hits", str(s["hits"])),
+        ("misses", str(s["misses"])),
+        ("errors", str(s["errors"])),
+        ("bytes fetched", f"{s['bytes_fetched']} ({format_bytes(s['bytes_fetched'])})"),
+        ("bytes served", f"{s['bytes_served']} ({format_bytes(s['bytes_served'])})"),
+        ("backend requests", str(s["backend_requests"])),
+        ("fetch latency", f"p50 {_ms(lat.get('p50'))}, p90 {_ms(lat.get('p90'))}, p99 {_ms(lat.get('p99'))}"),
+        ("in flight", str(s["inflight"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

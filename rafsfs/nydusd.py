@@ -1,0 +1,190 @@
+"""``rafsfs-nydusd``: a drop-in for nydusd as nydus-snapshotter launches it (``--nydusd /path/to/rafsfs-nydusd``).
+
+    rafsfs-nydusd fuse --config C.json --bootstrap B --mountpoint M --apisock S [--log-level L] [--log-file F] ...
+    rafsfs-nydusd singleton --fscache DIR --apisock S ...
+    rafsfs-nydusd --version
+
+nydusd's JSON config (``device.backend``/``device.cache``, ``digest_validate``, ...) names the blob backend and cache
+work dir; the blobs are the ones the bootstrap's blob table names.  The image is mounted read-only with FUSE at
+``--mountpoint``; the daemon API on ``--apisock`` reports ``INIT`` until the mount is in place and then ``RUNNING``.
+SIGTERM (what the snapshotter sends) or ``PUT /api/v1/daemon/exit`` unmounts and exits 0.  Flags nydusd has and this
+daemon does not need (``--thread-num``, ``--log-rotation-size``, ``--id``, ``--supervisor``, ...) are accepted; unknown
+ones are logged and ignored, as nydus-snapshotter's newer versions may pass more.
+
+Like ``rafsfs.cli``, this is a front end: it composes the core with ``fuse_backend``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import string
+import sys
+import traceback
+
+from . import __version__
+from .api import DaemonState, build_info
+from .api.server import DaemonHooks, MountEntry, serve_api
+from .errors import RafsError
+
+log = logging.getLogger("rafsfs.nydusd")
+
+SUBCOMMANDS = ("fuse", "singleton", "virtiofs")
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+           "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def version_text() -> str:
+    """nydusd prints its build information as ``Key: \\tvalue`` lines; so do we."""
+    b = build_info()
+    return (f"Version: \t{b.package_ver}\nGit Commit: \t{b.git_commit}\nBuild Time: \t{b.build_time}\n"
+            f"Profile: \t{b.profile}\nRustc: \t{b.rustc}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rafsfs-nydusd", description="nydusd-compatible daemon: serves a RAFS v6 image over FUSE with the "
+                                          "nydusd HTTP API (rafsfs " + __version__ + ")")
+    p.add_argument("-V", "--version", action="store_true", help="print build information and exit")
+    p.add_argument("--config", metavar="FILE", help="nydusd JSON config (backend and cache)")
+    p.add_argument("--bootstrap", metavar="FILE", help="RAFS v6 bootstrap to mount")
+    p.add_argument("--mountpoint", metavar="DIR", help="where to mount the image (FUSE)")
+    p.add_argument("--apisock", metavar="SOCK", help="unix socket for the HTTP API")
+    p.add_argument("--id", metavar="ID", help="daemon id reported by the API (default: a random one)")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=sorted(_LEVELS),
+                   help="log threshold (default: info)")
+    p.add_argument("--log-file", metavar="FILE", help="append the log here instead of stderr")
+    p.add_argument("--fscache", metavar="DIR", help="singleton: the fscache (cachefiles) directory")
+    p.add_argument("--fscache-tag", metavar="TAG", help="singleton: the cachefiles tag")
+    p.add_argument("--upgrade", action="store_true", help="hot upgrade (not supported)")
+    # accepted because nydus-snapshotter passes them; this daemon does not need them
+    for flag in ("--thread-num", "--log-rotation-size", "--supervisor", "--prefetch-files", "--failover-policy",
+                 "--virtual-mountpoint", "--fscache-threads", "--sock"):
+        p.add_argument(flag, metavar="X", help=argparse.SUPPRESS)
+    for flag in ("--readonly", "--writable"):
+        p.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=argparse.SUPPRESS)
+    return p
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+
+
+def _daemon_id(args: argparse.Namespace) -> str:
+    if args.id:
+        return args.id
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(20))
+
+
+def run_fuse_daemon(args: argparse.Namespace) -> int:
+    """Mount ``--bootstrap`` at ``--mountpoint`` and serve it (and the API) until SIGTERM or unmount."""
+    from fuse_backend.mount import preflight, run_fuse  # the front end composes the backend
+
+    from .config import RafsConfig, load_config
+    from .image import RafsImage
+    from .storage.open import source_from_config
+    from .tools import require_source
+
+    if not args.bootstrap or not args.mountpoint:
+        raise RafsError("fuse mode needs --bootstrap FILE and --mountpoint DIR")
+    if args.upgrade:
+        raise RafsError("--upgrade (hot upgrade with state takeover) is not supported by rafsfs")
+    mountpoint = os.path.realpath(args.mountpoint)
+    preflight(mountpoint)
+    cfg = load_config(args.config) if args.config else None
+    image = RafsImage.open(args.bootstrap)
+    try:
+        source = source_from_config(cfg) if cfg is not None else None
+        try:
+            require_source(image, source)
+            daemon_id = _daemon_id(args)
+            cfg = cfg or RafsConfig()
+            hooks = DaemonHooks(
+                metrics=source.metrics.snapshot if source is not None else None,
+                backend_type=cfg.backend.type if source is not None else "",
+                work_dir=cfg.cache.work_dir if source is not None and cfg.cache.type != "none" else "",
+                on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
+                mounts=[MountEntry(mountpoint="/", bootstrap=os.path.abspath(args.bootstrap))])
+            with serve_api(args.apisock, daemon_id, hooks) as api:
+                log.info("daemon %s: mounting %s on %s (fuse)", daemon_id, args.bootstrap, mountpoint)
+                ready = api.running if api is not None else None
+                try:
+                    run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
+                except BaseException:
+                    if api is not None:
+                        api.set_state(DaemonState.DIED)
+                    raise
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        image.close()
+    log.info("daemon stopped")
+    return 0
+
+
+def run_singleton(args: argparse.Namespace) -> int:
+    if not args.fscache:
+        raise RafsError("singleton mode needs --fscache DIR (a shared FUSE daemon is not supported)")
+    try:
+        from fscache_backend import run_singleton as fscache_singleton  # type: ignore[attr-defined]
+    except ImportError:
+        raise RafsError("singleton --fscache needs the fscache backend, which this build does not have yet; "
+                        "use nydus-snapshotter's --fs-driver fusedev") from None
+    return int(fscache_singleton(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = "fuse"
+    if argv and argv[0] in SUBCOMMANDS:
+        mode = argv.pop(0)
+    args, unknown = build_parser().parse_known_args(argv)
+    if args.version:
+        sys.stdout.write(version_text())
+        return 0
+    try:
+        _setup_logging(args.log_level, args.log_file)
+    except OSError as e:
+        sys.stderr.write(f"rafsfs-nydusd: error: cannot open log file {args.log_file}: {e.strerror}\n")
+        return 1
+    if unknown:
+        log.info("ignoring arguments this daemon does not use: %s", " ".join(unknown))
+    if args.thread_num:
+        log.debug("--thread-num %s ignored: the FUSE backend sizes its own worker pool", args.thread_num)
+    try:
+        if mode == "fuse":
+            return run_fuse_daemon(args)
+        if mode == "singleton":
+            return run_singleton(args)
+        raise RafsError(f"{mode} mode is not supported by rafsfs (use fuse)")
+    except KeyboardInterrupt:
+        return 130
+    except (RafsError, OSError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None:
+            text = f"{e.filename}: {e.strerror}"
+        log.error("%s", text)
+        if args.log_file:  # the snapshotter logs our stderr; say it there too
+            sys.stderr.write(f"rafsfs-nydusd: error: {text}\n")
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback only at debug level
+        log.error("internal error: %s: %s", type(e).__name__, e)
+        if args.log_level in ("debug", "trace"):
+            traceback.print_exc()
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())
