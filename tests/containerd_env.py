@@ -1,0 +1,437 @@
+"""Real container plumbing for the end-to-end test and bench/container_start.py.
+
+* :func:`python_rootfs_tar` — a Debian bookworm ``debootstrap --variant=minbase --include=python3-minimal`` tree,
+  made once and cached as a tarball in /var/cache/rafsfs-ci.
+* :class:`Registry` — Debian's ``docker-registry`` on 127.0.0.1 (filesystem storage in a temp dir) with a tiny
+  OCI push client (blobs, manifests) for building test images.
+* :func:`push_oci_image` — an OCI image (one gzip layer per tar) pushed to the registry.
+* :class:`Containerd` — containerd + nydus-snapshotter (``--nydusd rafsfs-nydusd``, FUSE) and, on request,
+  soci-snapshotter, all under one private root; ``ctr``/``ctr-remote`` wrappers.
+
+Everything started here is stopped by ``close()`` (mounts under the root are unmounted, processes killed), also
+when a test fails.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+CI_CACHE = Path(os.environ.get("RAFSFS_CI_CACHE", "/var/cache/rafsfs-ci"))
+
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)
+
+
+# ------------------------------------------------------------------------------------------------ the rootfs
+def python_rootfs_tar() -> Path:
+    """rootfs.tar of debootstrap minbase + python3-minimal (bookworm), cached between runs."""
+    sys.path.insert(0, str(REPO))
+    from bench.rootfs import ensure_rootfs
+
+    workdir = CI_CACHE / "python3-minbase"
+    ensure_rootfs(workdir, include=("python3-minimal",), extra_tiers=())
+    return workdir / "rootfs.tar"
+
+
+def gzip_file(src: Path, dst: Path, level: int = 1) -> None:
+    """gzip ``src`` into ``dst`` (gzip(1) when present: several times faster than the gzip module)."""
+    tmp = dst.with_name(dst.name + ".partial")
+    if which("gzip"):
+        with open(tmp, "wb") as out:
+            subprocess.run(["gzip", f"-{level}", "-n", "-c", str(src)], stdout=out, check=True)
+    else:
+        with open(src, "rb") as f, gzip.open(tmp, "wb", compresslevel=level, mtime=0) as g:
+            shutil.copyfileobj(f, g, 1 << 20)
+    os.replace(tmp, dst)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ registry
+class Registry:
+    """docker-registry on 127.0.0.1:<free port>, storage under ``workdir``."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        cfg = self.workdir / "registry.yml"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {self.workdir / 'data'}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{self.port}
+""")
+        self._log = open(self.workdir / "registry.log", "wb")
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"docker-registry did not start: {(self.workdir / 'registry.log').read_text()}")
+            time.sleep(0.1)
+        self.session = requests.Session()
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        return self.session.head(f"{self.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200
+
+    def push_blob(self, repo: str, path: Path | None = None, data: bytes | None = None,
+                  digest: str | None = None) -> tuple[str, int]:
+        """Upload a blob (monolithic); returns (digest, size)."""
+        if data is None:
+            assert path is not None
+            digest = digest or "sha256:" + sha256_file(path)
+            size = path.stat().st_size
+        else:
+            digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+            size = len(data)
+        if self.has_blob(repo, digest):
+            return digest, size
+        r = self.session.post(f"{self.url}/v2/{repo}/blobs/uploads/", timeout=30)
+        r.raise_for_status()
+        loc = r.headers["Location"]
+        if loc.startswith("/"):
+            loc = self.url + loc
+        sep = "&" if "?" in loc else "?"
+        body = data if data is not None else open(path, "rb")  # noqa: SIM115 - requests streams and closes
+        try:
+            r = self.session.put(f"{loc}{sep}digest={digest}", data=body, timeout=600,
+                                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        finally:
+            if data is None:
+                body.close()
+        r.raise_for_status()
+        return digest, size
+
+    def push_manifest(self, repo: str, tag: str, manifest: dict) -> str:
+        raw = json.dumps(manifest, separators=(",", ":")).encode()
+        r = self.session.put(f"{self.url}/v2/{repo}/manifests/{tag}", data=raw,
+                             headers={"Content-Type": manifest["mediaType"]}, timeout=30)
+        r.raise_for_status()
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def get_manifest(self, repo: str, tag: str) -> dict:
+        r = self.session.get(f"{self.url}/v2/{repo}/manifests/{tag}", timeout=30,
+                             headers={"Accept": f"{MT_MANIFEST}, application/vnd.oci.image.index.v1+json"})
+        r.raise_for_status()
+        return r.json()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def image_config(diff_ids: list[str], cmd: list[str] | None = None) -> dict:
+    return {"architecture": "amd64", "os": "linux",
+            "config": {"Env": [PATH_ENV], "Cmd": cmd or ["/usr/bin/python3"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": "rafsfs tests"} for _ in diff_ids]}
+
+
+def push_oci_image(registry: Registry, repo: str, tag: str, layer_tars: list[Path], cache_dir: Path) -> str:
+    """Push an OCI image with one gzip layer per tar (gzipped layers cached in ``cache_dir``); returns the ref."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    layers, diff_ids = [], []
+    for tar in layer_tars:
+        diff = sha256_file(tar)
+        gz = cache_dir / f"{diff}.tar.gz"
+        if not gz.exists():
+            gzip_file(tar, gz)
+        digest, size = registry.push_blob(repo, gz)
+        layers.append({"mediaType": MT_LAYER_GZIP, "digest": digest, "size": size})
+        diff_ids.append("sha256:" + diff)
+    cfg = json.dumps(image_config(diff_ids)).encode()
+    cdigest, csize = registry.push_blob(repo, data=cfg)
+    registry.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                                       "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
+                                       "layers": layers})
+    return f"{registry.host}/{repo}:{tag}"
+
+
+# ------------------------------------------------------------------------------------------------ containerd
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+class Containerd:
+    """containerd with nydus-snapshotter (nydusd = rafsfs-nydusd, FUSE, dedicated daemons) and optionally
+    soci-snapshotter, under ``root`` (keep it short: unix socket paths are limited to 107 bytes)."""
+
+    NS = "rafsfs"
+
+    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.address = str(self.root / "c.sock")
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._logs: list = []
+        nydus_sock = self.root / "nydus.sock"
+        soci_sock = self.root / "soci.sock"
+        plugins = f"""
+[proxy_plugins.nydus]
+  type = "snapshot"
+  address = "{nydus_sock}"
+"""
+        if soci:
+            plugins += f"""
+[proxy_plugins.soci]
+  type = "snapshot"
+  address = "{soci_sock}"
+"""
+        (self.root / "containerd.toml").write_text(f"""version = 2
+root = "{self.root / 'croot'}"
+state = "{self.root / 'cstate'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{self.address}"
+[ttrpc]
+  address = "{self.address}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[proxy_plugins]
+{plugins}
+""")
+        self.nydusd = nydusd or shutil.which("rafsfs-nydusd") or "rafsfs-nydusd"
+        # nydusd's config template; the snapshotter fills in the registry host, repo and work dir
+        self.nydusd_config = self.root / "nydusd-config.json"
+        self.nydusd_config.write_text(json.dumps({
+            "device": {"backend": {"type": "registry",
+                                   "config": {"scheme": "http", "timeout": 30, "connect_timeout": 5,
+                                              "retry_limit": 2}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": str(self.root / "nydus" / "cache")}}},
+            "mode": "direct", "digest_validate": True, "enable_xattr": True,
+            "fs_prefetch": {"enable": False}}))
+        try:
+            self._start("nydus-snapshotter",
+                        ["containerd-nydus-grpc", "--root", str(self.root / "nydus"), "--address", str(nydus_sock),
+                         "--nydusd", self.nydusd, "--nydus-image", "/bin/true",
+                         "--nydusd-config", str(self.nydusd_config), "--fs-driver", "fusedev",
+                         "--daemon-mode", "dedicated", "--log-level", "info", "--log-to-stdout"],
+                        nydus_sock)
+            if soci:
+                (self.root / "soci.toml").write_text("")
+                self._start("soci-snapshotter",
+                            ["soci-snapshotter-grpc", "--root", str(self.root / "soci"), "--address", str(soci_sock),
+                             "--config", str(self.root / "soci.toml"), "--log-level", "warn"], soci_sock)
+            self._start("containerd", ["containerd", "--config", str(self.root / "containerd.toml"),
+                                       "--log-level", "warn"], Path(self.address))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, name: str, argv: list[str], sock: Path, timeout: float = 30) -> None:
+        log = open(self.root / f"{name}.log", "ab")
+        self._logs.append(log)
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+        self.procs.append((name, p))
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {self.log(name)[-3000:]}")
+            time.sleep(0.05)
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.root / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------ commands
+    def _run(self, tool: str, args: list[str], timeout: float = 300, check: bool = True) -> Result:
+        argv = [tool, "--address", self.address, "--namespace", self.NS, *args]
+        t0 = time.perf_counter()
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = Result(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {p.returncode}\nstdout: {p.stdout[-2000:]}\n"
+                                 f"stderr: {p.stderr[-3000:]}\n--- nydus-snapshotter log tail ---\n"
+                                 f"{self.log('nydus-snapshotter')[-3000:]}\n--- nydusd logs ---\n"
+                                 f"{self.nydusd_logs()[-3000:]}")
+        return r
+
+    def ctr(self, *args: str, **kw) -> Result:
+        return self._run("ctr", list(args), **kw)
+
+    def ctr_remote(self, *args: str, **kw) -> Result:
+        return self._run("ctr-remote", list(args), **kw)
+
+    def soci(self, *args: str, **kw) -> Result:
+        return self._run("soci", list(args), **kw)
+
+    def rpull_nydus(self, ref: str) -> Result:
+        return self.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "nydus", ref)
+
+    def run(self, ref: str, *cmd: str, snapshotter: str = "nydus", name: str | None = None,
+            check: bool = True, timeout: float = 300) -> Result:
+        name = name or f"c{time.monotonic_ns()}"
+        return self.ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, *cmd, check=check, timeout=timeout)
+
+    def remove_image(self, ref: str) -> None:
+        self.ctr("images", "rm", "--sync", ref, check=False)
+
+    def nydusd_logs(self) -> str:
+        out = []
+        for f in sorted((self.root / "nydus" / "logs").glob("*/*.log")) if (self.root / "nydus").exists() else []:
+            out.append(f"== {f}\n{f.read_text(errors='replace')}")
+        return "\n".join(out)
+
+    def nydusd_pids(self) -> list[int]:
+        """Processes running rafsfs-nydusd under this root."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"nydusd" in c for c in cmd[:2]) and any(str(self.root).encode() in c for c in cmd):
+                pids.append(int(d.name))
+        return pids
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        for name, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs.clear()
+        for pid in self.nydusd_pids():  # daemons the snapshotter did not stop
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+        umount_under(self.root)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+
+def umount_under(root: Path) -> None:
+    prefix = str(Path(root).resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        targets = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+    for t in sorted({t for t in targets if t.startswith(prefix)}, key=len, reverse=True):
+        subprocess.run(["umount", "-l", t], capture_output=True)
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A short directory under /tmp (socket paths inside it must stay under 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ Nydus images
+MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
+
+
+def push_nydus_image(registry: Registry, repo: str, tag: str, bootstrap: Path, blob_dir: Path,
+                     workdir: Path) -> str:
+    """Push a Nydus image (fs-version 6) from ``rafsfs build`` output: every blob the bootstrap names as a
+    nydus-blob layer, then a gzip layer holding ``image/image.boot``; returns the ref.  (The shape nydusify and
+    ``rafsfs convert`` push; used where an image is built straight from a tree.)"""
+    import tarfile
+
+    from rafsfs.image import RafsImage
+
+    with RafsImage.open(str(bootstrap)) as image:
+        blob_ids = [b.blob_id for b in image.blobs]
+    layers, diff_ids = [], []
+    for bid in blob_ids:
+        digest, size = registry.push_blob(repo, blob_dir / bid, digest=f"sha256:{bid}")
+        layers.append({"mediaType": MT_NYDUS_BLOB, "digest": digest, "size": size,
+                       "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
+        diff_ids.append(digest)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tar = workdir / f"{tag}.bootstrap.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("image")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        t.addfile(info)
+        info = t.gettarinfo(str(bootstrap), "image/image.boot")
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        with open(bootstrap, "rb") as f:
+            t.addfile(info, f)
+    gz = workdir / f"{tag}.bootstrap.tar.gz"
+    gzip_file(tar, gz)
+    digest, size = registry.push_blob(repo, gz)
+    layers.append({"mediaType": MT_LAYER_GZIP, "digest": digest, "size": size,
+                   "annotations": {"containerd.io/snapshot/nydus-bootstrap": "true",
+                                   "containerd.io/snapshot/nydus-fs-version": "6"}})
+    diff_ids.append("sha256:" + sha256_file(tar))
+    cfg = json.dumps(image_config(diff_ids)).encode()
+    cdigest, csize = registry.push_blob(repo, data=cfg)
+    registry.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                                       "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
+                                       "layers": layers})
+    return f"{registry.host}/{repo}:{tag}"
