@@ -123,3 +123,260 @@ def test_corrupt_chunk_is_an_error_and_not_cached(image, tmp_path):
     path.write_bytes((blobs / blob.blob_id).read_bytes())
     assert img.read(victim, 0, 100, cache) == files["/f2"][:100]
     assert hashlib.sha256(img.read(victim, 0, victim.size, cache)).digest() == hashlib.sha256(files["/f2"]).digest()
+
+
+# ---------------------------------------------------------------------------- worker pool
+def test_parallel_groups_one_request_each(image, tmp_path):
+    """A read spanning many separate chunk groups issues one request per group (fetched by the worker pool) and
+    returns every byte in order."""
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    be = CountingBackend(str(blobs), delay=0.02)
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "cache"), amplify_io=64 << 10, workers=4))
+    ino = img.resolve("/f5")
+    assert img.read(ino, 0, ino.size, cache) == files["/f5"]
+    chunks = img.chunks(ino, source=cache)
+    assert len(be.requests) == len(chunks) > 4  # 64K chunks, 64K merge limit: one request per chunk, none twice
+    assert len(set(be.requests)) == len(be.requests)
+    cache.close()
+
+
+# ---------------------------------------------------------------------------- size cap, eviction, cache ls|gc
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two-img")
+    rnd = __import__("random").Random(11)
+    out = []
+    for name in ("a", "b"):
+        src = d / f"src-{name}"
+        src.mkdir()
+        (src / "data").write_bytes(rnd.randbytes(2 << 20))
+        build(BuildOptions(source=str(src), bootstrap=str(d / f"{name}.boot"), blob_dir=str(d / "blobs"),
+                           compressor="none", chunk_size=256 << 10))
+        out.append(d / f"{name}.boot")
+    return out, d / "blobs"
+
+
+def _fill(boot: Path, blobs: Path, work_dir: Path, max_size: int = 0) -> ChunkCache:
+    img = RafsImage.open(str(boot))
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(work_dir), max_size=max_size))
+    ino = img.resolve("/data")
+    img.read(ino, 0, ino.size, cache)
+    return cache
+
+
+def test_size_cap_evicts_idle_blobs_lru_never_in_use(two_images, tmp_path):
+    from rafsfs.storage.cache.store import list_entries, usage
+
+    (a, b), blobs = two_images
+    work = tmp_path / "cache"
+    ida, idb = (RafsImage.open(str(x)).blobs[0].blob_id for x in (a, b))
+    cache_a = _fill(a, blobs, work, max_size=3 << 20)
+    # a is open (in use): filling b pushes the directory over the cap, but a must stay
+    cache_b = _fill(b, blobs, work, max_size=3 << 20)
+    names = {e.name: e for e in list_entries(str(work))}
+    assert set(names) == {ida, idb} and all(e.in_use for e in names.values())
+    assert usage(str(work)) > 3 << 20
+    cache_a.close()
+    cache_b.close()
+    # a new user of the cache (a third blob would do; reopening b is enough) evicts the least recently used idle
+    # blob -- a, opened first -- and keeps b
+    cache_b2 = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(work), max_size=3 << 20))
+    img_b = RafsImage.open(str(b))
+    data = img_b.read(img_b.resolve("/data"), 0, 4096, cache_b2)
+    assert [e.name for e in list_entries(str(work))] == [idb]
+    assert not (work / f"{ida}.blob.data").exists()
+    assert len(data) == 4096 and cache_b2.metrics.snapshot()["evicted_blobs"] == 1
+    cache_b2.close()
+
+
+def test_cache_ls_and_gc_commands(two_images, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_rafsfs_proc
+
+    (a, b), blobs = two_images
+    work = tmp_path / "cache"
+    _fill(a, blobs, work).close()
+    ida, idb = (RafsImage.open(str(x)).blobs[0].blob_id for x in (a, b))
+    # another process keeps b open while gc runs
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/tests');"
+         "from test_chunk_cache import _fill; from pathlib import Path;"
+         "c = _fill(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])); print('ready', flush=True);"
+         "sys.stdin.read(); c.close()", str(REPO), str(b), str(blobs), str(work)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        ls = json.loads(run_rafsfs_proc("cache", "ls", "--work-dir", work, "--json", check=0).stdout)
+        by = {e["blob"]: e for e in ls}
+        assert by[ida]["in_use"] is False and by[idb]["in_use"] is True
+        assert by[ida]["chunks_ready"] == by[ida]["chunks_total"] == 8
+        assert by[ida]["disk_bytes"] >= 2 << 20
+        text = run_rafsfs_proc("cache", "ls", "--work-dir", work, check=0).stdout
+        assert "in use" in text and "idle" in text and "2 blobs" in text
+        out = run_rafsfs_proc("cache", "gc", "--work-dir", work, check=0).stdout
+        assert out.startswith("removed 1 blobs")
+        assert [e["blob"] for e in json.loads(run_rafsfs_proc("cache", "ls", "--work-dir", work, "--json",
+                                                               check=0).stdout)] == [idb]
+    finally:
+        holder.communicate("", timeout=30)
+    # now idle: gc down to a size that b does not fit removes it too
+    run_rafsfs_proc("cache", "gc", "--work-dir", work, "--max-size", "1M", check=0)
+    assert json.loads(run_rafsfs_proc("cache", "ls", "--work-dir", work, "--json", check=0).stdout) == []
+
+
+# ---------------------------------------------------------------------------- prefetch
+def _ready_chunks(img: RafsImage, cache: ChunkCache, path: str) -> list[bool]:
+    ino = img.resolve(path)
+    return [cache.is_ready(img.blobs[c.blob_index], c) for c in img.chunks(ino, source=cache)]
+
+
+def test_prefetch_paths_then_reads_are_free(image, tmp_path):
+    from rafsfs.storage.cache.prefetch import PrefetchPlan, Prefetcher
+
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "cache")))
+    p = Prefetcher(img, cache, PrefetchPlan(use_table=False, paths=["/f1", "/f4"]), threads=2).start()
+    assert p.join(timeout=60)
+    assert all(_ready_chunks(img, cache, "/f1")) and all(_ready_chunks(img, cache, "/f4"))
+    assert not any(_ready_chunks(img, cache, "/f0"))
+    n = len(be.requests)
+    assert img.read(img.resolve("/f1"), 0, len(files["/f1"]), cache) == files["/f1"]
+    assert img.read(img.resolve("/f4"), 0, len(files["/f4"]), cache) == files["/f4"]
+    assert len(be.requests) == n
+    snap = cache.metrics.snapshot()
+    assert snap["prefetched_chunks"] == p.done_chunks > 0 and snap["misses"] == 0
+    cache.close()
+
+
+def test_prefetch_whole_blob_and_table(tmp_path):
+    from rafsfs.storage.cache.prefetch import PrefetchPlan, Prefetcher
+
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    rnd = __import__("random").Random(3)
+    for i in range(4):
+        (src / "dir" / f"x{i}").write_bytes(rnd.randbytes(100_000))
+    (src / "other").write_bytes(rnd.randbytes(200_000))
+    (tmp_path / "list").write_text("/dir/x2\n")
+    build(BuildOptions(source=str(src), bootstrap=str(tmp_path / "boot"), blob_dir=str(tmp_path / "blobs"),
+                       compressor="zstd", chunk_size=64 << 10, prefetch_list=["/dir/x2"]))
+    img = RafsImage.open(str(tmp_path / "boot"))
+    # the image's prefetch table alone
+    cache = ChunkCache(LocalFsBackend(str(tmp_path / "blobs")), CacheOptions(work_dir=str(tmp_path / "c1")))
+    assert Prefetcher(img, cache, PrefetchPlan()).start().join(timeout=60)
+    assert all(_ready_chunks(img, cache, "/dir/x2")) and not any(_ready_chunks(img, cache, "/other"))
+    cache.close()
+    # a directory path and the whole blob
+    cache = ChunkCache(LocalFsBackend(str(tmp_path / "blobs")), CacheOptions(work_dir=str(tmp_path / "c2")))
+    p = Prefetcher(img, cache, PrefetchPlan(use_table=False, paths=["/dir"], whole_blobs=True)).start()
+    assert p.join(timeout=60)
+    assert p.done_chunks == img.blobs[0].chunk_count
+    assert all(cache.is_ready(img.blobs[0], c) for c in Prefetcher(img, cache, PrefetchPlan(
+        use_table=False, whole_blobs=True))._blob_chunks())
+    cache.close()
+
+
+def test_prefetch_stays_behind_on_demand_reads(image, tmp_path):
+    """With a slow backend and whole-blob prefetch running, an on-demand read of a chunk near the blob's end is
+    served long before the prefetch gets there."""
+    from rafsfs.storage.cache.prefetch import PrefetchPlan, Prefetcher
+
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    be = CountingBackend(str(blobs), delay=0.03)
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "cache"), amplify_io=64 << 10))
+    total = img.blobs[0].chunk_count
+    p = Prefetcher(img, cache, PrefetchPlan(use_table=False, whole_blobs=True), threads=1).start()
+    while len(be.requests) < 3:
+        threading.Event().wait(0.01)
+    last = img.resolve("/f5")
+    off = last.size - 1000
+    assert img.read(last, off, 1000, cache) == files["/f5"][off:]
+    served_at = len(be.requests)
+    assert p.join(timeout=120)
+    assert served_at < total // 2  # prefetch had covered less than half the blob when the on-demand read returned
+    assert p.done_chunks + 1 >= total - 1
+    cache.close()
+
+
+@pytest.mark.allow_log(r"prefetch: skipping /missing")
+def test_prefetch_unknown_path_is_skipped(image, tmp_path):
+    from rafsfs.storage.cache.prefetch import PrefetchPlan, Prefetcher
+
+    boot, blobs, _ = image
+    img = RafsImage.open(str(boot))
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "cache")))
+    p = Prefetcher(img, cache, PrefetchPlan(use_table=False, paths=["/missing", "/f0"])).start()
+    assert p.join(timeout=60) and all(_ready_chunks(img, cache, "/f0"))
+    cache.close()
+
+
+# ---------------------------------------------------------------------------- crash safety
+def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
+    """``rafsfs extract`` through the cache is killed with SIGKILL at random points of the fill, several times;
+    every chunk the map calls ready then holds exactly the right bytes, and a final run reproduces the source."""
+    import json
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO, rafsfs_cmd, run_rafsfs_proc
+    from treeutil import assert_trees_equal
+
+    from rafsfs.compression import digest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    for i in range(24):
+        words = [rnd.choice([b"alpha", b"beta", b"gamma", b"delta", rnd.randbytes(6)]) for _ in range(200_000)]
+        (src / f"f{i:02}").write_bytes(b" ".join(words)[: 1_000_000 + i * 7919])
+    run_rafsfs_proc("build", src, "--bootstrap", tmp_path / "boot", "--blob-dir", tmp_path / "blobs",
+                    "--chunk-size", "64K", check=0)
+    work = tmp_path / "cache"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+                                          "cache": {"type": "blobcache", "config": {"work_dir": str(work)}}},
+                               "amplify_io": 65536}))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    img = RafsImage.open(str(tmp_path / "boot"))
+    blob = img.blobs[0]
+    map_path = work / f"{blob.blob_id}.chunk_map"
+    kills = 0
+    for attempt in range(6):
+        dest = tmp_path / f"out{attempt}"
+        p = subprocess.Popen(rafsfs_cmd("extract", tmp_path / "boot", dest, "--config", cfg),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rnd.uniform(0.3, 1.5))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        ready = map_path.read_bytes() if map_path.exists() else b""
+        if ready.count(1) == blob.chunk_count:
+            break
+    assert kills >= 1, "extract finished before any kill: make the image bigger"
+    ready = map_path.read_bytes()
+    assert 0 < ready.count(1)
+    # every chunk marked ready has exactly its recorded digest
+    data = (work / f"{blob.blob_id}.blob.data").read_bytes()
+    checked = 0
+    for ci in range(blob.chunk_count):
+        if ready[ci] == 1:
+            info, dg = img.chunk_info(blob.index, ci, ChunkCache(LocalFsBackend(str(tmp_path / "blobs")),
+                                                                 CacheOptions(work_dir=str(tmp_path / "c2"))))
+            assert digest(blob.digester, data[info.uncompressed_offset:info.uncompressed_offset
+                                              + info.uncompressed_size]) == dg, f"chunk {ci}"
+            checked += 1
+    assert checked == ready.count(1)
+    # and a run to the end, reusing what the killed runs left, reproduces the source
+    run_rafsfs_proc("extract", tmp_path / "boot", tmp_path / "final", "--config", cfg, check=0)
+    assert_trees_equal(src, tmp_path / "final")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..config import RafsConfig, load_config
+from ..config import BackendConfig, CacheConfig, RafsConfig, load_config
 from ..errors import BlobUnavailable
 from .backend.base import BlobBackend
 from .backend.localfs import LocalFsBackend
@@ -31,14 +31,14 @@ def source_from_config(cfg: RafsConfig) -> DirectChunkSource | ChunkCache:
                                             amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size))
 
 
-def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
-                           config: str | None = None) -> DirectChunkSource | ChunkCache | None:
-    """A verifying chunk source, or None when no data location was given.
+def config_from_args(blob_dir: str | None, devices: Sequence[str] | None,
+                     config: str | None = None) -> RafsConfig | None:
+    """The storage configuration named by command-line arguments, or None when no data location was given.
 
     ``blob_dir`` holds blobs named by their id; ``devices`` are files bound to the image's device slots in order
     (like the kernel's ``-o device=``).  Both may be given: slots without a device file fall back to the directory.
     ``config`` (nydusd JSON or the fscache shape) may name a registry and a cache; the shorthand options then
-    override its local blob locations.  The caller closes the source with ``source.close()``.
+    override its local blob locations.  Local blobs without a config are read directly, without a cache.
     """
     if blob_dir is not None and not os.path.isdir(blob_dir):
         why = "is not a directory" if os.path.exists(blob_dir) else "does not exist"
@@ -52,7 +52,15 @@ def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
         cfg = load_config(config)
         if blob_dir is not None or devices:
             cfg.backend.type, cfg.backend.blob_dir, cfg.backend.devices = "localfs", blob_dir, list(devices or ())
-        return source_from_config(cfg)
+        return cfg
     if blob_dir is None and not devices:
         return None
-    return DirectChunkSource(LocalFsBackend(blob_dir, list(devices or ())))
+    return RafsConfig(backend=BackendConfig(type="localfs", blob_dir=blob_dir, devices=list(devices or ())),
+                      cache=CacheConfig(type="none"))
+
+
+def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
+                           config: str | None = None) -> DirectChunkSource | ChunkCache | None:
+    """A verifying chunk source for :func:`config_from_args`, or None.  The caller closes it (``close()``)."""
+    cfg = config_from_args(blob_dir, devices, config)
+    return None if cfg is None else source_from_config(cfg)
