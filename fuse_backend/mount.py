@@ -35,6 +35,20 @@ def preflight(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
 
 
+def probe_blobs(image: RafsImage, source: ChunkSource | None) -> None:
+    """Read one byte of every blob the image names, so that a missing blob or an unreachable registry stops the
+    mount with one line instead of turning every later read into EIO."""
+    if source is None:
+        return
+    for blob in image.blobs:
+        if not (blob.compressed_size or blob.uncompressed_size):
+            continue  # an empty blob: nothing to read
+        try:
+            source.read_raw(blob, 0, 1)
+        except RafsError as e:
+            raise MountError(f"cannot read blob {blob.ref.name}: {e}") from None
+
+
 def _mount_dev(mountpoint: str) -> str | None:
     """major:minor of the mount at ``mountpoint``, from mountinfo: stat() on our own FUSE mountpoint would send a
     request to this very daemon before its loop runs, and hang."""
@@ -92,6 +106,7 @@ def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, f
     """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts."""
     mountpoint = os.path.realpath(mountpoint)  # before mounting: afterwards this would ask our own daemon
     preflight(mountpoint)
+    probe_blobs(image, source)
     ops = RafsOperations(image, source)
     options = set(pyfuse3.default_options)
     options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}

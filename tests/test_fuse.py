@@ -1,8 +1,10 @@
 """FUSE mode with real mounts: the mounted tree equals the source and a kernel EROFS mount of the same image."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -133,6 +135,59 @@ def test_mount_errors_are_one_line(built, tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
         assert p.returncode == 1 and len(lines) == 1 and words in lines[0], p.stderr
         assert "Traceback" not in p.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens here once the socket is closed
+
+
+def _one_error_line(p: subprocess.CompletedProcess, words: str) -> None:
+    lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert p.returncode == 1 and len(lines) == 1 and words in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_mount_on_busy_mountpoint_is_one_line(built, tmp_path):
+    d, boots = built
+    m = FuseMount(boots["zstd"], tmp_path / "mnt", "--blob-dir", d / "blobs")
+    try:
+        p = run_rafsfs_proc("mount", boots["zstd"], m.mnt, "--foreground", "--blob-dir", d / "blobs", timeout=60)
+        _one_error_line(p, "busy")
+        assert len(os.listdir(m.mnt)) > 0  # the first mount is untouched
+    finally:
+        m.stop()
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_mount_with_unreachable_backend_is_one_line(built, tmp_path, daemon):
+    """A registry nobody listens on: the mount stops before mounting and says why, instead of mounting a tree whose
+    every read fails."""
+    d, boots = built
+    (tmp_path / "mnt").mkdir()
+    cfg = tmp_path / "nydusd.json"
+    cfg.write_text(json.dumps({"device": {
+        "backend": {"type": "registry", "config": {"host": f"127.0.0.1:{_closed_port()}", "repo": "test/img",
+                                                   "scheme": "http", "retry_limit": 1, "connect_timeout": 2}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}}}))
+    args = ["--log-file", tmp_path / "log"] if daemon else ["--foreground"]
+    t0 = time.monotonic()
+    p = run_rafsfs_proc("mount", boots["zstd"], tmp_path / "mnt", "--config", cfg, *args, timeout=120)
+    _one_error_line(p, "cannot read blob")
+    assert "ConnectionError" in p.stderr or "refused" in p.stderr.lower(), p.stderr
+    assert time.monotonic() - t0 < 60
+    assert not _is_mounted(tmp_path / "mnt")
+
+
+def test_mount_with_missing_blob_is_one_line(built, tmp_path):
+    d, boots = built
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "empty").mkdir()
+    p = run_rafsfs_proc("mount", boots["zstd"], tmp_path / "mnt", "--foreground", "--blob-dir", tmp_path / "empty",
+                        timeout=60)
+    _one_error_line(p, "cannot read blob")
+    assert not _is_mounted(tmp_path / "mnt")
 
 
 def test_daemon_mode_and_umount(built, tmp_path):
