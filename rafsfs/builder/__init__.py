@@ -17,21 +17,6 @@ log = logging.getLogger(__name__)
 __all__ = ["build", "BuildOptions", "BuildResult"]
 
 
-def _source_size(source: str) -> int:
-    """Total bytes to read, for progress (a directory walk; the size of a tar file)."""
-    if os.path.isfile(source):
-        return os.path.getsize(source)
-    total = 0
-    for dirpath, _dirs, files in os.walk(source):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            total += st.st_size if (st.st_mode & 0o170000) == 0o100000 else 0
-    return total
-
-
 def _read_full(f: BinaryIO, n: int) -> bytes:
     data = f.read(n)
     while data and len(data) < n:
@@ -60,7 +45,7 @@ def build(opts: BuildOptions) -> BuildResult:
     if not os.path.exists(opts.source):
         raise BuildError(f"source {opts.source} does not exist")
 
-    total = _source_size(opts.source) if opts.progress else 0
+    # no total: walking a directory tree twice just to size it costs as much as a metadata scan
     writer = BlobWriter(opts.blob_dir, compressor, digester, cs)
     stats = {"files": 0, "bytes": 0}
 
@@ -77,7 +62,7 @@ def build(opts: BuildOptions) -> BuildResult:
             raise BuildError(f"file changed while reading: expected {node.size} bytes, read {read}")
         stats["bytes"] += read
         if opts.progress:
-            opts.progress(stats["bytes"], total)
+            opts.progress(stats["bytes"], 0)
 
     try:
         root = scan_source(opts.source, sink)

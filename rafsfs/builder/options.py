@@ -14,7 +14,7 @@ class BuildOptions:
     chunk_size: int = 1 << 20  # power of two in [4 KiB, 16 MiB]
     digester: str = "blake3"  # blake3 | sha256
     prefetch_list: list[str] = field(default_factory=list)  # absolute paths inside the image
-    progress: Callable[[int, int], None] | None = None  # (bytes done, bytes total)
+    progress: Callable[[int, int], None] | None = None  # (bytes done, bytes total or 0 when unknown)
 
 
 @dataclass
