@@ -5,8 +5,10 @@ from the challenge's realm (with Basic credentials when we have them).  A token 
 and again whenever the registry answers 401, since expired credentials are the most common failure of lazy
 pulling.  Redirects (to object storage) are followed without leaking the registry's Authorization header.
 Requests go first to the configured proxy (e.g. a Dragonfly peer) or mirrors, falling back to the origin.
-5xx, 429 and connection errors are retried with exponential backoff; after that the read fails with
-:class:`BlobUnavailable` (EIO to a reader).
+5xx, 429, connection errors and cut-off bodies are retried with exponential backoff, all within one deadline per
+read; after that the read fails with :class:`BlobUnavailable` (EIO to a reader), so a registry that stops answering
+never hangs a reader.  TLS uses the system CAs, a custom CA file, or no verification (``skip_verify``); a failed
+verification is not retried.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+_SSL_REASON = re.compile(r"\[SSL[^\]]*\] ([^(']+)")
+_BODY_PIECE = 1 << 20
 
 
 @dataclass
@@ -48,10 +53,11 @@ class RegistryConfig:
     password: str | None = None
     registry_token: str | None = None  # a pre-issued bearer token
     skip_verify: bool = False
-    ca_file: str | None = None
-    timeout: float = 30.0  # read timeout per request, seconds
+    ca_file: str | None = None  # PEM bundle to verify the registry's certificate (default: the system's CAs)
+    timeout: float = 30.0  # seconds one request may wait for data from the server
     connect_timeout: float = 5.0
     retry_limit: int = 3
+    deadline: float = 0.0  # seconds for one read, retries included; 0 = (connect_timeout + timeout) x (retry_limit + 1)
     mirrors: list[Endpoint] = field(default_factory=list)
     proxy: Endpoint | None = None
     proxy_fallback: bool = True
@@ -97,7 +103,10 @@ class RegistryBackend(BlobBackend):
     def __init__(self, cfg: RegistryConfig):
         self.cfg = cfg
         self.session = requests.Session()
-        self.session.trust_env = False  # proxies come from our config only
+        self.session.trust_env = False  # proxies and CAs come from our config only (REQUESTS_CA_BUNDLE would win)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)  # one per concurrent fetch
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if cfg.skip_verify:
             self.session.verify = False
             import urllib3
@@ -110,22 +119,27 @@ class RegistryBackend(BlobBackend):
         self._auth_header: dict[str, str | None] = {}  # endpoint base url -> Authorization value
         self._tokens: dict[tuple[str, str], _Token] = {}  # (realm, scope) -> token
         self._challenge: dict[str, dict] = {}  # endpoint base url -> last challenge params
+        self._token_lock = threading.Lock()  # one token request at a time: no stampede when a token expires
         self._proxy_down_until = 0.0
         self.requests_sent = 0
+
+    @property
+    def deadline(self) -> float:
+        c = self.cfg
+        return c.deadline if c.deadline > 0 else (c.connect_timeout + c.timeout) * (c.retry_limit + 1)
 
     # ------------------------------------------------------------------ BlobBackend
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
-        r = self._request("GET", blob, {"Range": f"bytes={offset}-{offset + size - 1}"})
-        data = r.content
+        r, data = self._request("GET", blob, {"Range": f"bytes={offset}-{offset + size - 1}"})
         if r.status_code == 200:  # the server ignored Range: take our slice of the whole blob
             log.debug("registry ignored Range for %s", blob.name)
             data = data[offset:offset + size]
         return data
 
     def size(self, blob: BlobRef) -> int:
-        r = self._request("HEAD", blob, {})
+        r, _ = self._request("HEAD", blob, {})
         try:
             return int(r.headers["Content-Length"])
         except (KeyError, ValueError):
@@ -144,13 +158,16 @@ class RegistryBackend(BlobBackend):
             eps.append(self.origin)
         return eps
 
-    def _request(self, method: str, blob: BlobRef, headers: dict[str, str]) -> requests.Response:
+    def _request(self, method: str, blob: BlobRef, headers: dict[str, str]) -> tuple[requests.Response, bytes]:
         check_blob_id(blob.blob_id)
         path = f"/v2/{self.cfg.repo}/blobs/sha256:{blob.blob_id}"
+        deadline = time.monotonic() + self.deadline
         last = "no endpoint"
         for ep in self._endpoints():
+            # a mirror or proxy may use at most half of what is left: the origin always gets its turn
+            ep_deadline = deadline if ep.is_origin else time.monotonic() + (deadline - time.monotonic()) / 2
             try:
-                return self._request_endpoint(ep, method, path, headers)
+                return self._request_endpoint(ep, method, path, headers, ep_deadline)
             except BlobUnavailable as e:
                 last = str(e)
                 if ep is self.cfg.proxy:
@@ -159,28 +176,38 @@ class RegistryBackend(BlobBackend):
                     log.warning("%s failed (%s); falling back", ep.base_url, e)
         raise BlobUnavailable(last)
 
-    def _request_endpoint(self, ep: Endpoint, method: str, path: str, headers: dict[str, str]) -> requests.Response:
+    def _request_endpoint(self, ep: Endpoint, method: str, path: str, headers: dict[str, str],
+                          deadline: float) -> tuple[requests.Response, bytes]:
         url = ep.base_url + path
         delay = 0.2
         reauthed = False
         attempt = 0
+        err = f"{method} {url}"
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BlobUnavailable(f"{err}: no answer within the {self.deadline:g} s deadline")
             h = dict(ep.headers)
             h.update(headers)
-            auth = self._auth_for(ep)
+            auth = self._auth_for(ep, deadline)
             if auth:
                 h["Authorization"] = auth
+            r = None
             try:
                 with self._lock:
                     self.requests_sent += 1
-                r = self.session.request(method, url, headers=h, timeout=(self.cfg.connect_timeout, self.cfg.timeout),
-                                         allow_redirects=True)
+                r = self.session.request(method, url, headers=h, allow_redirects=True, stream=True,
+                                         timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
+                if r.status_code in (200, 206):
+                    return r, self._body(r, deadline) if method != "HEAD" else b""
+                r.close()
+            except requests.exceptions.SSLError as e:
+                m = _SSL_REASON.search(str(e))
+                raise BlobUnavailable(f"TLS with {ep.base_url} failed ({m.group(1).strip() if m else 'handshake'}):"
+                                      " give the registry's CA as ca_file, or skip_verify") from None
             except requests.RequestException as e:
                 err = f"{method} {url}: {type(e).__name__}"
-                r = None
             else:
-                if r.status_code in (200, 206):
-                    return r
                 if r.status_code == 401 and not reauthed:
                     reauthed = True
                     self._authenticate(ep, r)
@@ -197,9 +224,20 @@ class RegistryBackend(BlobBackend):
                     wait = max(wait, min(float(r.headers.get("Retry-After", 0)), 10.0))
                 except ValueError:
                     pass
+            wait = min(wait, max(deadline - time.monotonic(), 0))
             log.info("%s; retrying in %.1fs", err, wait)
             time.sleep(wait)
             delay = min(delay * 2, 5.0)
+
+    def _body(self, r: requests.Response, deadline: float) -> bytes:
+        """The whole response body, read within ``deadline``; a body cut short raises (requests' errors)."""
+        parts = []
+        with r:
+            for piece in r.iter_content(_BODY_PIECE):
+                parts.append(piece)
+                if time.monotonic() > deadline:
+                    raise requests.exceptions.Timeout("body not complete before the deadline")
+        return b"".join(parts)
 
     # ------------------------------------------------------------------ authentication
     def _credentials(self) -> tuple[str, str] | None:
@@ -207,7 +245,7 @@ class RegistryBackend(BlobBackend):
             return self.cfg.username, self.cfg.password or ""
         return docker_credentials(self.cfg.host)
 
-    def _auth_for(self, ep: Endpoint) -> str | None:
+    def _auth_for(self, ep: Endpoint, deadline: float) -> str | None:
         with self._lock:
             ch = self._challenge.get(ep.base_url)
             if ch is None:
@@ -219,9 +257,13 @@ class RegistryBackend(BlobBackend):
             if creds is None:
                 return None
             return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-        tok = self._tokens.get((ch.get("realm", ""), ch.get("scope", "")))
+        key = (ch.get("realm", ""), ch.get("scope", ""))
+        tok = self._tokens.get(key)
         if tok is None or time.time() >= tok.expires_at:
-            tok = self._fetch_token(ch)
+            with self._token_lock:
+                tok = self._tokens.get(key)  # another thread may have just fetched it
+                if tok is None or time.time() >= tok.expires_at:
+                    tok = self._fetch_token(ch, deadline)
         return f"Bearer {tok.value}"
 
     def _authenticate(self, ep: Endpoint, r: requests.Response) -> None:
@@ -241,7 +283,7 @@ class RegistryBackend(BlobBackend):
         with self._lock:
             self._challenge[ep.base_url] = params
 
-    def _fetch_token(self, ch: dict) -> _Token:
+    def _fetch_token(self, ch: dict, deadline: float) -> _Token:
         realm = ch.get("realm")
         if not realm:
             raise BlobUnavailable("bearer challenge without a realm")
@@ -249,8 +291,10 @@ class RegistryBackend(BlobBackend):
         if ch.get("service"):
             q["service"] = ch["service"]
         creds = self._credentials()
+        left = max(deadline - time.monotonic(), 0.001)
         try:
-            r = self.session.get(realm, params=q, auth=creds, timeout=(self.cfg.connect_timeout, self.cfg.timeout))
+            r = self.session.get(realm, params=q, auth=creds,
+                                 timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
         except requests.RequestException as e:
             raise BlobUnavailable(f"token request to {realm} failed: {type(e).__name__}") from None
         if r.status_code != 200:
@@ -265,6 +309,54 @@ class RegistryBackend(BlobBackend):
         with self._lock:
             self._tokens[(realm, ch["scope"])] = tok
         return tok
+
+    # ------------------------------------------------------------------ other API requests (the OCI client)
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, *, body: Any = None,
+                ok: tuple[int, ...] = (200,), stream: bool = False) -> requests.Response:
+        """One request to the origin registry (``path`` starts with ``/v2/``) with this backend's auth (the
+        challenge decides the token scope, so pushes get ``pull,push``) and retries: manifests and uploads for
+        rafsfs.oci.  ``body`` is bytes or a callable returning a fresh body (an opened file) per attempt.  A
+        status in ``ok`` returns the response (the caller reads and closes it); any other raises
+        :class:`BlobUnavailable` with a one-line reason."""
+        url = self.origin.base_url + path
+        deadline = time.monotonic() + self.deadline
+        reauthed, attempt, delay = False, 0, 0.2
+        while True:
+            h = dict(headers or {})
+            auth = self._auth_for(self.origin, deadline)
+            if auth:
+                h["Authorization"] = auth
+            try:
+                with self._lock:
+                    self.requests_sent += 1
+                r = self.session.request(method, url, headers=h, data=body() if callable(body) else body,
+                                         stream=stream, allow_redirects=True,
+                                         timeout=(self.cfg.connect_timeout, self.cfg.timeout))
+            except requests.exceptions.SSLError as e:
+                m = _SSL_REASON.search(str(e))
+                raise BlobUnavailable(f"TLS with {self.origin.base_url} failed "
+                                      f"({m.group(1).strip() if m else 'handshake'})") from None
+            except requests.RequestException as e:
+                err = f"{method} {url}: {type(e).__name__}"
+            else:
+                if r.status_code in ok:
+                    return r
+                r.close()
+                if r.status_code == 401 and not reauthed:
+                    reauthed = True
+                    self._authenticate(self.origin, r)
+                    continue
+                err = f"{method} {url}: HTTP {r.status_code}"
+                if r.status_code in (401, 403):
+                    raise BlobUnavailable(f"access denied: {err}: check the registry credentials")
+                if r.status_code not in _RETRY_STATUS:
+                    raise BlobUnavailable(err)
+            attempt += 1
+            if attempt > self.cfg.retry_limit:
+                raise BlobUnavailable(f"{err} (gave up after {attempt} attempts)")
+            log.info("%s; retrying in %.1fs", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _describe(r: requests.Response, url: str) -> str:

@@ -1,0 +1,356 @@
+"""The data path against a REAL registry (Debian's docker-registry on 127.0.0.1, see registry_env.py): the
+RegistryBackend and the chunk cache in-process, and real FUSE mounts (``rafsfs mount --config``) and CLI commands
+with nydusd-style JSON configs.  Backend requests are counted at the registry (its request log), not by us.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_rafsfs_proc
+from registry_env import start_registry
+from test_fuse import FuseMount
+from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_image, snapshot_tree
+
+from rafsfs.builder import BuildOptions, build
+from rafsfs.config import from_dict
+from rafsfs.image import RafsImage
+from rafsfs.storage.open import source_from_config
+
+MiB = 1 << 20
+REPO = "rafsfs/test"
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="FUSE mounts need root and /dev/fuse")
+
+
+# ---------------------------------------------------------------------------------------------- images
+@pytest.fixture(scope="module")
+def tricky_image(tricky_src, tmp_path_factory) -> tuple[Path, Path]:
+    """The tricky tree as a zstd image: (bootstrap, blob file)."""
+    d = tmp_path_factory.mktemp("reg-tricky")
+    build(BuildOptions(source=str(tricky_src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs")))
+    return d / "boot", d / "blobs" / RafsImage.open(str(d / "boot")).blobs[0].blob_id
+
+
+@pytest.fixture(scope="module")
+def data_image(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
+    """A 24 MiB file (24 chunks) and eight small one-chunk files: (bootstrap, blob file, {path: bytes})."""
+    d = tmp_path_factory.mktemp("reg-data")
+    src = d / "src"
+    (src / "small").mkdir(parents=True)
+    rnd = random.Random(42)
+    files = {"/big": rnd.randbytes(24 * MiB)}
+    for i in range(8):
+        files[f"/small/f{i}"] = rnd.randbytes(100_000 + i)
+    for p, data in files.items():
+        (src / p.lstrip("/")).write_bytes(data)
+    build(BuildOptions(source=str(src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs")))
+    return d / "boot", d / "blobs" / RafsImage.open(str(d / "boot")).blobs[0].blob_id, files
+
+
+@pytest.fixture(autouse=True)
+def _no_docker_credentials(tmp_path, monkeypatch):
+    """Credentials come from the test's config only, never from this machine's ~/.docker/config.json."""
+    (tmp_path / "docker-config").mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+
+
+def _write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _read_all_files(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, read through the page cache after dropping its pages, so
+    every byte is asked of the filesystem again."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                h = hashlib.sha256()
+                while chunk := os.read(fd, MiB):
+                    h.update(chunk)
+            finally:
+                os.close(fd)
+            out[str(p.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def _timed_read(path: Path, offset: int, size: int, limit: float) -> tuple[bytes | int, float]:
+    """Read in a thread: (bytes or errno, seconds).  A read still blocked after ``limit`` seconds fails the test
+    (the thread is left to finish once the registry is back)."""
+    result: list = []
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = b""
+                while len(data) < size:
+                    piece = os.pread(fd, size - len(data), offset + len(data))
+                    if not piece:
+                        break
+                    data += piece
+                result.append((data, time.monotonic() - t0))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            result.append((e.errno, time.monotonic() - t0))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert result, f"read of {path} at {offset} still blocked after {limit} s: a reader hangs"
+    return result[0]
+
+
+# ---------------------------------------------------------------------------------------------- whole images
+@needs_fuse
+def test_anonymous_whole_image_then_zero_requests_warm_and_after_restart(tricky_image, tricky_src, tmp_path):
+    boot, blob = tricky_image
+    with start_registry(tmp_path / "reg") as reg:
+        digest = reg.push_blob(REPO, blob)
+        assert digest == blob.name
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+        try:
+            assert_trees_equal(tricky_src, m.mnt, check_symlink_mtime=True)
+            cold = len(reg.blob_gets(digest))
+            assert cold > 0
+            # the same data again, its pages dropped from the page cache: every read reaches the daemon, which
+            # serves it from the cache directory
+            want = _read_all_files(tricky_src)
+            assert _read_all_files(m.mnt) == want
+            assert len(reg.blob_gets(digest)) == cold, "warm reads went to the registry"
+        finally:
+            m.stop()
+        # a restarted daemon with the same work_dir: the mount itself may probe the blob, reading costs nothing
+        m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+        try:
+            after_mount = len(reg.blob_gets(digest))
+            assert after_mount - cold <= 1, reg.blob_gets(digest)[cold:]  # at most a one-byte probe per blob
+            assert_trees_equal(tricky_src, m.mnt, check_symlink_mtime=True)
+            assert len(reg.blob_gets(digest)) == after_mount, "reads after a restart went to the registry"
+        finally:
+            m.stop()
+
+
+def test_basic_auth_whole_image_and_credential_errors(tricky_image, tricky_src, tmp_path):
+    """htpasswd (bcrypt) Basic auth, credentials from the config's ``auth`` field (base64 user:password);
+    wrong or missing credentials are one-line errors."""
+    boot, blob = tricky_image
+    with start_registry(tmp_path / "reg", auth="basic") as reg:
+        digest = reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        run_rafsfs_proc("extract", boot, tmp_path / "out", "--config", cfg, check=0)
+        assert_trees_equal(tricky_src, tmp_path / "out", check_symlink_mtime=True)
+        assert len(reg.blob_gets(digest)) > 0
+
+        bad = reg.nydusd_config(REPO, tmp_path / "cache2")
+        bad["device"]["backend"]["config"]["auth"] = "cmFmcy11c2VyOndyb25n"  # rafs-user:wrong
+        none = reg.nydusd_config(REPO, tmp_path / "cache3")
+        del none["device"]["backend"]["config"]["auth"]
+        for name, c, words in (("bad", bad, "access denied"), ("none", none, "requires credentials")):
+            p = run_rafsfs_proc("cat", boot, "/sizes/size-4097", "--config",
+                                _write_config(tmp_path / f"{name}.json", c))
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 1 and len(lines) == 1 and words in lines[0], p.stderr
+            assert p.stdout == ""
+
+
+@needs_fuse
+def test_bearer_token_expiring_during_a_mount(tricky_image, tricky_src, tmp_path):
+    """The token server announces a 2 s lifetime and the registry enforces it; the mount reads half the tree,
+    waits past the expiry, reads the rest: a fresh token was fetched and every byte is right."""
+    boot, blob = tricky_image
+    with start_registry(tmp_path / "reg", auth="token", token_expires_in=2, token_lifetime=2) as reg:
+        ts = reg.token_server
+        digest = reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+        try:
+            files = sorted(p for p in tricky_src.rglob("*") if p.is_file() and not p.is_symlink())
+            for p in files[: len(files) // 2]:
+                assert (m.mnt / p.relative_to(tricky_src)).read_bytes() == p.read_bytes()
+            first = ts.ok_hits
+            assert first >= 1
+            time.sleep(2.5)
+            assert_trees_equal(tricky_src, m.mnt, check_symlink_mtime=True)
+        finally:
+            m.stop()
+        assert ts.ok_hits >= first + 1, ts.hits
+        # every token request carried the config's credentials and asked for pull on our repository only
+        assert all(h["user"] == "rafs-user" and h["scopes"] == [f"repository:{REPO}:pull"] for h in ts.hits)
+        assert len(reg.blob_gets(digest)) > 0
+
+
+def test_bearer_token_expiring_unannounced(tricky_image, tricky_src, tmp_path):
+    """The token server claims 300 s but the registry stops accepting the token after ~2 s: the registry's 401
+    makes the backend fetch a new token, and the read goes on."""
+    boot, blob = tricky_image
+    with start_registry(tmp_path / "reg", auth="token", token_expires_in=300, token_lifetime=2) as reg:
+        ts = reg.token_server
+        digest = reg.push_blob(REPO, blob)
+        img = RafsImage.open(str(boot))
+        source = source_from_config(from_dict(reg.nydusd_config(REPO, tmp_path / "cache", cache="none")))
+        try:
+            img.read(img.resolve("/sizes/size-4097"), 0, 4097, source)
+            assert ts.ok_hits == 1
+            time.sleep(2.5)
+            diffs = diff_snapshots(snapshot_tree(tricky_src), snapshot_image(img, source), check_symlink_mtime=True)
+            assert not diffs, format_diffs(diffs, "image read through the registry differs from the source")
+        finally:
+            source.close()
+        assert ts.ok_hits >= 2, ts.hits
+        rejected = [r for r in reg.requests() if r["status"] == 401 and digest in (r["uri"] or "")
+                    and "invalid token" in r["msg"]]
+        assert rejected, "the registry never rejected the expired token"
+
+
+# ---------------------------------------------------------------------------------------------- single flight
+def test_sixteen_readers_of_one_chunk_one_registry_request(data_image, tmp_path):
+    boot, blob, files = data_image
+    with start_registry(tmp_path / "reg") as reg:
+        digest = reg.push_blob(REPO, blob)
+        img = RafsImage.open(str(boot))
+        ino = img.resolve("/big")
+        source = source_from_config(from_dict(reg.nydusd_config(REPO, tmp_path / "cache")))
+        results: list[bytes] = []
+        barrier = threading.Barrier(16)
+
+        def reader(i: int) -> None:
+            barrier.wait()
+            off = 5 * MiB + i * 4096  # sixteen different pages of the same chunk
+            results.append((off, img.read(ino, off, 4096, source)))
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+        try:
+            reg.pause()  # the first reader's request waits at the registry, so all sixteen overlap
+            for t in threads:
+                t.start()
+            time.sleep(0.7)
+            assert all(t.is_alive() for t in threads)
+            reg.resume()
+            for t in threads:
+                t.join(30)
+        finally:
+            reg.resume()
+            source.close()
+        assert len(results) == 16
+        assert all(data == files["/big"][off:off + 4096] for off, data in results)
+        gets = reg.blob_gets(digest)
+        assert len(gets) == 1, gets
+
+
+# ---------------------------------------------------------------------------------------------- failures
+@needs_fuse
+def test_registry_stopped_mid_read_succeeds_in_time_or_eio_after_deadline(data_image, tmp_path):
+    """Through a FUSE mount, so EIO is the real errno: timeout 1.5 s, connect 1 s, 1 retry -> a 5 s deadline."""
+    boot, blob, files = data_image
+    big = files["/big"]
+    deadline = (1.0 + 1.5) * 2
+    # a failed read is asked for twice by the kernel (readahead, then the page itself), each bounded by the
+    # deadline; plus slack for a loaded 2-core machine.  A hang is far beyond it.
+    limit = 2 * deadline + 5
+    with start_registry(tmp_path / "reg") as reg:
+        reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(
+            REPO, tmp_path / "cache", timeout=1.5, connect_timeout=1.0, retry_limit=1))
+        m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+        f = m.mnt / "big"
+        try:
+            data, _ = _timed_read(f, 0, 2 * MiB, limit)
+            assert data == big[:2 * MiB]
+
+            # paused for less than the request timeout: the read waits, then succeeds
+            reg.pause()
+            threading.Timer(1.0, reg.resume).start()
+            data, took = _timed_read(f, 6 * MiB, 2 * MiB, limit)
+            assert data == big[6 * MiB:8 * MiB]
+            assert took >= 0.8, took
+
+            # paused for longer than the deadline: EIO after the deadline, not a hang
+            reg.pause()
+            got, took = _timed_read(f, 12 * MiB, 2 * MiB, limit)
+            assert got == errno.EIO, got
+            assert 1.0 <= took < limit, took
+            reg.resume()
+            data, _ = _timed_read(f, 12 * MiB, 2 * MiB, limit)  # nothing bad was cached; the mount lives on
+            assert data == big[12 * MiB:14 * MiB]
+
+            # killed: connections refused, EIO quickly; started again on the same port: reads work
+            reg.kill()
+            got, took = _timed_read(f, 18 * MiB, 2 * MiB, limit)
+            assert got == errno.EIO and took < limit, (got, took)
+            reg.start()
+            data, _ = _timed_read(f, 18 * MiB, 2 * MiB, limit)
+            assert data == big[18 * MiB:20 * MiB]
+        finally:
+            reg.resume()
+            m.stop()
+
+
+@needs_fuse
+def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_path):
+    boot, blob, files = data_image
+    img = RafsImage.open(str(boot))
+    victim = img.resolve("/small/f3")
+    (chunk,) = img.chunks(victim)
+    with start_registry(tmp_path / "reg") as reg:
+        digest = reg.push_blob(REPO, blob)
+        stored = reg.blob_path(digest)
+        good = stored.read_bytes()
+        bad = bytearray(good)
+        bad[chunk.info.compressed_offset + chunk.info.compressed_size // 2] ^= 0x01
+        stored.write_bytes(bytes(bad))  # bit rot in the registry's storage: same size, served as is
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+        try:
+            with pytest.raises(OSError) as e:
+                (m.mnt / "small/f3").read_bytes()
+            assert e.value.errno == errno.EIO
+            for i in (0, 1, 2, 4, 5, 6, 7):  # the other files are fine
+                assert (m.mnt / f"small/f{i}").read_bytes() == files[f"/small/f{i}"]
+            # the bad chunk is not marked ready in the cache's map
+            chunk_map = (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()
+            assert chunk_map[chunk.ci_index] == 0
+            assert sum(chunk_map) == 7
+            # the registry is repaired: the chunk is fetched again and served right, on the same mount
+            stored.write_bytes(good)
+            before = len(reg.blob_gets(digest))
+            assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]
+            assert len(reg.blob_gets(digest)) == before + 1
+            assert (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()[chunk.ci_index] == 1
+        finally:
+            m.stop()
+
+
+def test_tls_custom_ca_skip_verify_and_untrusted(data_image, tmp_path):
+    boot, blob, files = data_image
+    with start_registry(tmp_path / "reg", tls=True) as reg:
+        reg.push_blob(REPO, blob)
+        with_ca = reg.nydusd_config(REPO, tmp_path / "c1")
+        no_ca = reg.nydusd_config(REPO, tmp_path / "c2")
+        del no_ca["device"]["backend"]["config"]["ca_file"]
+        skip = reg.nydusd_config(REPO, tmp_path / "c3", skip_verify=True)
+        del skip["device"]["backend"]["config"]["ca_file"]
+        for name, c in (("ca", with_ca), ("skip", skip)):
+            p = run_rafsfs_proc("cat", boot, "/small/f5", "--config", _write_config(tmp_path / f"{name}.json", c),
+                                text=False, check=0)
+            assert p.stdout == files["/small/f5"]
+        p = run_rafsfs_proc("cat", boot, "/small/f5", "--config", _write_config(tmp_path / "no.json", no_ca))
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "certificate verify failed" in lines[0] \
+            and "ca_file" in lines[0], p.stderr
