@@ -355,10 +355,14 @@ def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
         dest = tmp_path / f"out{attempt}"
         p = subprocess.Popen(rafsfs_cmd("extract", tmp_path / "boot", dest, "--config", cfg),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rnd.uniform(0.3, 1.5))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
+        # kill once the map shows a random share of the chunks ready: mid-fill, wherever that lands
+        target = int(blob.chunk_count * rnd.uniform(0.05, 0.9))
+        while p.poll() is None:
+            if map_path.exists() and map_path.read_bytes().count(1) >= target:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.002)
         p.wait()
         ready = map_path.read_bytes() if map_path.exists() else b""
         if ready.count(1) == blob.chunk_count:
@@ -380,3 +384,39 @@ def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
     # and a run to the end, reusing what the killed runs left, reproduces the source
     run_rafsfs_proc("extract", tmp_path / "boot", tmp_path / "final", "--config", cfg, check=0)
     assert_trees_equal(src, tmp_path / "final")
+
+
+# ---------------------------------------------------------------------------- sequential readahead
+def test_sequential_reads_fetch_ahead_random_reads_do_not(image, tmp_path):
+    import random
+
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    ino = img.resolve("/f5")
+    cs = 64 << 10
+    nchunks = (ino.size + cs - 1) // cs
+    # in order: after the second read, the following chunks are fetched in the background
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c1"), amplify_io=cs, readahead=4 * cs))
+    got = b"".join(img.read(ino, off, cs, cache) for off in range(0, ino.size, cs))
+    assert got == files["/f5"]
+    cache.close()  # waits for queued readahead
+    snap = cache.metrics.snapshot()
+    assert snap["prefetched_chunks"] > 0 and snap["misses"] + snap["prefetched_chunks"] >= nchunks
+    assert len(set(be.requests)) == len(be.requests)  # nothing fetched twice
+    # random 4 KiB reads never trigger it: at most one request per chunk touched
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c2"), amplify_io=cs, readahead=4 * cs))
+    rnd = random.Random(4)
+    touched: set[int] = set()
+    prev = -10
+    for _ in range(40):
+        j = rnd.randrange(nchunks)
+        if abs(j - prev) <= 1:
+            continue
+        prev = j
+        off = j * cs + rnd.randrange(0, min(cs, ino.size - j * cs) - 4096)
+        assert img.read(ino, off, 4096, cache) == files["/f5"][off:off + 4096]
+        touched.add(j)
+    cache.close()
+    assert len(be.requests) <= len(touched) and cache.metrics.snapshot()["prefetched_chunks"] == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
@@ -41,6 +41,7 @@ class CacheOptions:
     sync: bool = False  # fsync data before marking chunks ready
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
+    readahead: int = 4 << 20  # bytes fetched ahead, in the background, when a blob is read sequentially; 0 = off
 
 
 class ChunkCache:
@@ -62,6 +63,10 @@ class ChunkCache:
         self._demand = 0  # on-demand ensure() calls running now
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
+        # sequential readahead: per blob, the last chunk read on demand and how far readahead has been queued
+        self._last_ci: dict[str, int] = {}
+        self._ahead_until: dict[str, int] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ ChunkSource
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
@@ -77,6 +82,8 @@ class ChunkCache:
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
         self.ensure(blob, chunks)
+        if self.opts.readahead and chunks:
+            self._read_ahead(image, blob, bc, chunks)
         out_list = []
         for c in chunks:
             data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
@@ -182,6 +189,40 @@ class ChunkCache:
                 self._evict()
         return error or (failed[0] if failed else None)
 
+    def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
+        """When a blob is being read in order (this read starts at or right after the previous one), queue the
+        next ``readahead`` bytes of chunks for a background fetch, so the fetch of chunk N+1 overlaps the delivery
+        of chunk N.  Random reads never trigger it, so they cost one request per chunk at most."""
+        lo = min(c.ci_index for c in chunks)
+        hi = max(c.ci_index for c in chunks)
+        with self._lock:
+            last = self._last_ci.get(bc.name)
+            self._last_ci[bc.name] = hi
+            if last is None or not last <= lo <= last + 1:
+                return
+            start = max(hi + 1, self._ahead_until.get(bc.name, 0))
+            want = hi + 1 + max(1, self.opts.readahead // max(blob.chunk_size, 1))
+            end = min(want, blob.chunk_count)
+            if start >= end or start - hi - 1 > (want - hi - 1) // 2:  # still more than half a window queued
+                return
+            self._ahead_until[bc.name] = end
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
+            pool = self._ahead_pool
+        refs = []
+        for ci in range(start, end):
+            if not bc.is_ready(ci):
+                info, digest = image.chunk_info(blob.index, ci, self)
+                refs.append(ChunkRef(blob.index, ci, info, digest))
+        if refs:
+            pool.submit(self._background_ensure, blob, refs)
+
+    def _background_ensure(self, blob: BlobInfo, refs: list[ChunkRef]) -> None:
+        try:
+            self.ensure(blob, refs, background=True)
+        except RafsError as e:  # the on-demand read that needs these chunks will report it
+            log.debug("readahead of blob %s: %s", blob.ref.name, e)
+
     def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
         with self._lock:
             fut = self._inflight.pop((bc.name, c.ci_index))
@@ -199,6 +240,10 @@ class ChunkCache:
                       self.opts.work_dir, self.opts.max_size)
 
     def close(self) -> None:
+        with self._lock:
+            pool, self._ahead_pool = self._ahead_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
