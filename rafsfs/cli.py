@@ -174,16 +174,60 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _mode(requested: str) -> str:
-    """The mount mode to use; 'auto' logs its choice and why."""
-    if requested == "fscache":
-        raise RafsError("--mode fscache is not available in this build yet (use --mode fuse or auto)")
+    """The mount mode to use: 'auto' probes the kernel (on-demand cachefiles: fscache, else fuse) and logs its choice
+    and why; a forced fscache on a kernel without it is an error."""
+    if requested == "fuse":
+        return "fuse"
+    from fscache_backend.device import probe  # the CLI is where backends are composed
+
+    ok, why = probe()
+    if requested == "fscache" and not ok:
+        raise RafsError(f"--mode fscache is not available: {why} (use --mode fuse or auto)")
     if requested == "auto":
-        if os.path.exists("/dev/cachefiles"):
-            why = "the kernel has /dev/cachefiles, but this build has no fscache daemon yet"
-        else:
-            why = "the kernel has no /dev/cachefiles (no EROFS-over-fscache on-demand support)"
-        log.info("mode auto: using fuse (%s)", why)
-    return "fuse"
+        log.info("mode auto: using %s (%s)", "fscache" if ok else "fuse", why)
+    return "fscache" if ok else "fuse"
+
+
+def _start_daemon(argv: list[str], mountpoint: str, log_file: str) -> "subprocess.Popen":
+    """Run ``argv`` (a ``mount --foreground``) in its own session, logging to ``log_file``; wait for the mount."""
+    with open(log_file, "ab") as logf:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 start_new_session=True, close_fds=True)
+    if not _wait_mounted(mountpoint, child):
+        child.kill()
+        with open(log_file, "rb") as f:
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        raise RafsError(f"mount failed: {lines[-1] if lines else 'daemon exited'} (log: {log_file})")
+    return child
+
+
+def _mount_fscache(args: argparse.Namespace, mountpoint: str) -> int:
+    """fscache mode: one daemon serves every fscache mount of the machine; this hands the image to it or starts it
+    (in the background unless --foreground, like the FUSE daemon)."""
+    from fscache_backend import service
+
+    if not os.path.isdir(mountpoint):
+        raise RafsError(f"mountpoint {mountpoint} is not a directory")
+    req = service.mount_request(args.source, mountpoint, args.blob_dir, args.device, args.config)
+
+    def write_pid(pid: int) -> None:
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{pid}\n")
+
+    if args.foreground:
+        return service.mount_foreground(req, verbose=getattr(args, "verbose", False), on_mounted=write_pid)
+    log_file = args.log_file or f"/run/rafsfs/{mountpoint.strip('/').replace('/', '_') or 'root'}.log"
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    argv = [sys.executable, "-m", "rafsfs.cli", "mount", os.path.abspath(args.source), mountpoint, "--foreground",
+            "--mode", "fscache", *(["--config", req["config"]] if args.config else []),
+            *(["--blob-dir", req["blob_dir"]] if args.blob_dir else []),
+            *[x for d in req["devices"] for x in ("--device", d)]]
+    _start_daemon(argv, mountpoint, log_file)
+    pid = service.daemon_pids()[0]
+    write_pid(pid)
+    _println(f"mounted {args.source} on {mountpoint} (fscache, pid {pid}, log {log_file})")
+    return 0
 
 
 def _wait_mounted(mountpoint: str, child: "subprocess.Popen", timeout: float = 60.0) -> bool:
@@ -202,10 +246,14 @@ def _wait_mounted(mountpoint: str, child: "subprocess.Popen", timeout: float = 6
 def cmd_mount(args: argparse.Namespace) -> int:
     from fuse_backend.mount import preflight, run_fuse  # the CLI is where backends are composed
 
-    _mode(args.mode)
+    mode = _mode(args.mode)
     mountpoint = os.path.realpath(args.mountpoint)
-    preflight(mountpoint)
+    if mode == "fuse":
+        preflight(mountpoint)
     image = RafsImage.open(args.source)  # a bad image fails here, in one line, before anything is mounted
+    if mode == "fscache":
+        image.close()
+        return _mount_fscache(args, mountpoint)
     if not args.foreground:
         image.close()
         log_file = args.log_file or f"/run/rafsfs/{mountpoint.strip('/').replace('/', '_') or 'root'}.log"
@@ -216,14 +264,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 *(["--blob-dir", os.path.abspath(args.blob_dir)] if args.blob_dir else []),
                 *(["--prefetch-files", os.path.abspath(args.prefetch_files)] if args.prefetch_files else []),
                 *[x for d in args.device for x in ("--device", os.path.abspath(d))]]
-        with open(log_file, "ab") as logf:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                     start_new_session=True, close_fds=True)
-        if not _wait_mounted(mountpoint, child):
-            child.kill()
-            with open(log_file, "rb") as f:
-                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-            raise RafsError(f"mount failed: {lines[-1] if lines else 'daemon exited'} (log: {log_file})")
+        child = _start_daemon(argv, mountpoint, log_file)
         if args.pid_file:
             with open(args.pid_file, "w") as f:
                 f.write(f"{child.pid}\n")
@@ -419,8 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", help="bootstrap file (registry references come later)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
     p.add_argument("--mode", choices=["fuse", "fscache", "auto"], default="auto",
-                   help="fuse (userspace), fscache (kernel EROFS on demand; not in this build yet) or auto, "
-                        "which picks the best mode this kernel and build support and logs why (default: auto)")
+                   help="fuse (userspace), fscache (the kernel's EROFS over on-demand cachefiles: one daemon serves "
+                        "every fscache mount; cache dir $RAFSFS_FSCACHE_DIR, default /var/cache/rafsfs/fscache, on "
+                        "ext4/xfs) or auto, which picks fscache when the kernel supports it and logs why "
+                        "(default: auto)")
     p.add_argument("--prefetch-files", metavar="FILE",
                    help="file listing paths (files or directories, one absolute path per line) to fetch into the "
                         "cache in the background after mounting, behind on-demand reads; needs a cache (--config)")

@@ -9,6 +9,7 @@ Every offset, count and size read from the image is checked before use: a malfor
 """
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import stat
@@ -168,6 +169,7 @@ class ChunkSource(Protocol):
 class _BlobMetaCache:
     infos: dict[int, list] = field(default_factory=dict)  # blob index -> list of ChunkInfo by ci index
     digests: dict[int, bytes | None] = field(default_factory=dict)  # blob index -> packed digests or None
+    layouts: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # blob index -> (starts, ci)
 
 
 class RafsImage:
@@ -803,6 +805,40 @@ class RafsImage:
                         raise BadImage(f"blob {blob.blob_id}: blob.digest is truncated")
         self._meta.digests[blob.index] = digests
         return digests
+
+    def blob_chunks(self, blob: BlobInfo, offset: int, size: int, source: ChunkSource | None) -> list[ChunkRef]:
+        """The chunks of Nydus blob ``blob`` whose uncompressed bytes overlap [offset, offset+size) of the blob's
+        uncompressed address space (chunk i at its uncompressed offset: how the kernel addresses a blob device),
+        in offset order, with their digests."""
+        starts, cis = self._blob_layout(blob, source)
+        out: list[ChunkRef] = []
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        end = offset + size
+        while i < len(starts) and starts[i] < end:
+            info, digest = self.chunk_info(blob.index, cis[i], source)
+            if info.uncompressed_offset + info.uncompressed_size > offset:
+                out.append(ChunkRef(blob.index, cis[i], info, digest))
+            i += 1
+        return out
+
+    def _blob_layout(self, blob: BlobInfo, source: ChunkSource | None) -> tuple[list[int], list[int]]:
+        """(sorted uncompressed offsets, chunk-info index of each) of one Nydus blob; distinct offsets only."""
+        layout = self._meta.layouts.get(blob.index)
+        if layout is None:
+            if not blob.nydus:
+                raise BadImage(f"device {blob.index + 1} is not a Nydus blob: it has no chunk information")
+            table = [(e.uncompressed_offset, ci) for (b, ci), e in self.chunk_table().items() if b == blob.index]
+            if not table:
+                if source is None:
+                    raise BadImage(f"blob {blob.blob_id}: no chunk table and no blob source to read blob.meta")
+                table = [(info.uncompressed_offset, ci)
+                         for ci, info in enumerate(self.load_blob_meta(blob, source))]
+            seen: dict[int, int] = {}
+            for start, ci in sorted(table):
+                seen.setdefault(start, ci)
+            layout = (list(seen), list(seen.values()))
+            self._meta.layouts[blob.index] = layout
+        return layout
 
     # ------------------------------------------------------------------ reading file data
     def read(self, ino: Inode, offset: int, size: int, source: ChunkSource | None) -> bytes:

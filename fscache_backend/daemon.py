@@ -1,0 +1,549 @@
+"""The fscache daemon: a trio loop over /dev/cachefiles serving every rafsfs fscache mount of the machine.
+
+OPEN  -> look the cookie up (bootstrap: a mount's fsid; data blob: a blob id of a mounted image in the same volume),
+         answer ``copen`` with its size (bootstrap: the file size; blob: its uncompressed size -- the kernel addresses a
+         blob device by ``blkaddr * 4096`` = each chunk's uncompressed offset).
+READ  -> bootstrap: copy the range; blob: the chunks covering the range are fetched, decompressed and verified by the
+         core (a non-persisting DirectChunkSource: the kernel's cache file *is* the uncompressed blob), written whole
+         and page-aligned into the anonymous fd; then READ_COMPLETE, always (without data the reader gets EIO).
+CLOSE -> forget the object (its fd closes once no READ uses it).
+
+Run by :mod:`fscache_backend.supervisor`, which owns the bound device fd and restarts this process after a crash;
+a restarted daemon sends ``restore`` and rebuilds its object table from the kernel's re-OPENs and the persisted mount
+records.  Blocking work runs in threads under a bounded limiter.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from rafsfs.errors import BadImage, RafsError
+from rafsfs.image import BlobInfo, ChunkRef, RafsImage
+from rafsfs.storage.direct import DirectChunkSource
+
+from . import control, protocol
+from . import mount as fsmount
+from . import state
+from .errors import FscacheError, open_errno
+from .settings import Settings
+from .sources import open_source
+from .state import MountRecord
+
+log = logging.getLogger(__name__)
+
+WORKERS = 8  # threads fetching / decompressing / writing at once
+READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
+WATCH_INTERVAL = 1.0  # how often the mount table is checked for mounts that went away
+
+
+@dataclass
+class Served:
+    """One mounted image."""
+
+    rec: MountRecord
+    image: RafsImage
+    source: DirectChunkSource | None
+    bootstrap_fd: int
+
+
+@dataclass
+class Obj:
+    """One cache object the kernel opened (a bootstrap or a data blob)."""
+
+    object_id: int
+    anon_fd: int
+    kind: str  # "bootstrap" | "blob"
+    volume: str
+    key: str  # fsid or blob id
+    size: int
+    data_fd: int = -1  # bootstrap: our own fd of the bootstrap file
+    ready: set[int] = field(default_factory=set)  # blob: chunk-info indexes written into the cache file
+    inflight: dict[int, trio.Event] = field(default_factory=dict)
+    users: int = 0
+    closed: bool = False
+
+    def release(self) -> None:
+        for fd in (self.anon_fd, self.data_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.anon_fd = self.data_fd = -1
+
+
+def blob_size(blob: BlobInfo, blksz: int) -> int:
+    """The size a blob cookie is opened with: the same for every image using the blob (the kernel discards a cache
+    file whose recorded size differs)."""
+    return blob.uncompressed_size or blob.device_blocks * blksz
+
+
+class Daemon:
+    def __init__(self, devfd: int, listener: socket.socket, settings: Settings, restored: bool):
+        self.devfd = devfd
+        self.listener = listener
+        self.settings = settings
+        self.restored = restored
+        self.mounts: dict[str, Served] = {}
+        self.mounting: set[str] = set()
+        self.retired: list[Served] = []
+        self.objects: dict[int, Obj] = {}
+        self.limiter = trio.CapacityLimiter(WORKERS)
+        self.read_delay = float(os.environ.get("RAFSFS_FSCACHE_READ_DELAY", "0") or 0)  # test hook: slow READs
+        self.had_mounts = False
+        self.stats: dict = {"pid": os.getpid(), "restored": restored, "opens": 0, "open_errors": 0, "closes": 0,
+                            "reads": 0, "reads_bootstrap": 0, "reads_blob": 0, "read_bytes": 0, "read_failures": 0,
+                            "chunks_fetched": 0, "bytes_fetched": 0, "blob_opens": {}, "blob_chunks_fetched": {}}
+        self._stats_dirty = True
+        self._shutdown = trio.Event()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        if self.restored:
+            self._restore()
+        for rec in state.load_all(self.settings.mounts_dir):
+            try:
+                self.mounts[rec.fsid] = await trio.to_thread.run_sync(self._open_served, rec)
+                self.had_mounts = True
+            except RafsError as e:
+                log.error("cannot serve %s (fsid %s) any more: %s", rec.mountpoint, rec.fsid, e)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._device_loop)
+            nursery.start_soon(self._control_loop)
+            nursery.start_soon(self._watch_mounts)
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self._stats_writer)
+            await self._shutdown.wait()
+            await self._unmount_all()
+            nursery.cancel_scope.cancel()
+        self._write_stats()
+        for o in self.objects.values():
+            o.release()
+        for s in list(self.mounts.values()) + self.retired:
+            self._close_served(s)
+        log.info("fscache daemon exits")
+
+    def _restore(self) -> None:
+        try:
+            protocol.command(self.devfd, "restore")
+            log.info("restarted after a crash: sent 'restore'; pending requests come back")
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            log.warning("the kernel has no 'restore' (Linux < 6.8): requests of the previous daemon are lost")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %s: unmounting and exiting", signal.Signals(sig).name)
+                self._shutdown.set()
+
+    async def _unmount_all(self) -> None:
+        for fsid, s in list(self.mounts.items()):
+            try:
+                await trio.to_thread.run_sync(fsmount.umount, s.rec.mountpoint)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    log.warning("%s is busy: detaching it lazily", s.rec.mountpoint)
+                    await trio.to_thread.run_sync(fsmount.umount, s.rec.mountpoint, True)
+                elif e.errno != errno.EINVAL:  # EINVAL: not mounted any more
+                    log.error("cannot unmount %s: %s", s.rec.mountpoint, e.strerror)
+            self._forget(fsid)
+            log.info("unmounted %s", s.rec.mountpoint)
+
+    # ------------------------------------------------------------------------------------------ mounts
+    def _open_served(self, rec: MountRecord) -> Served:
+        image = RafsImage.open(rec.bootstrap)
+        try:
+            if image.blksz != protocol.PAGE:
+                raise FscacheError(f"{rec.bootstrap}: fscache mode needs 4096-byte blocks (the image has "
+                                   f"{image.blksz})")
+            for b in image.blobs:
+                if not b.blob_id:
+                    raise FscacheError(f"{rec.bootstrap}: device {b.index + 1} has no tag naming its blob; "
+                                       "fscache mode needs one (Nydus images always have it)")
+            source = open_source(rec.blob_dir, rec.devices, rec.config)
+            if image.blobs and source is None:
+                raise FscacheError(f"{rec.bootstrap}: the image's data is in blobs: give --blob-dir or --config")
+            fd = os.open(rec.bootstrap, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            image.close()
+            raise
+        return Served(rec, image, source, fd)
+
+    @staticmethod
+    def _close_served(s: Served) -> None:
+        if s.bootstrap_fd >= 0:
+            os.close(s.bootstrap_fd)
+            s.bootstrap_fd = -1
+        if s.source is not None:
+            s.source.close()
+        s.image.close()
+
+    def _forget(self, fsid: str) -> None:
+        s = self.mounts.pop(fsid, None)
+        state.remove(self.settings.mounts_dir, fsid)
+        if s is not None:
+            self.retired.append(s)  # blob objects may still be served through it; closed when the daemon exits
+
+    async def _mount(self, req: dict) -> dict:
+        rec = MountRecord(fsid="", domain_id=self.settings.domain_id, bootstrap=os.path.realpath(req["bootstrap"]),
+                          mountpoint=os.path.realpath(req["mountpoint"]), blob_dir=req.get("blob_dir"),
+                          devices=list(req.get("devices") or []), config=req.get("config"))
+        if not os.path.isdir(rec.mountpoint):
+            raise FscacheError(f"mountpoint {rec.mountpoint} is not a directory")
+        if fsmount.is_mountpoint(rec.mountpoint):
+            raise FscacheError(f"mountpoint {rec.mountpoint} is busy: something is already mounted there")
+        rec.fsid = await trio.to_thread.run_sync(self._fsid, rec.bootstrap)
+        served = await trio.to_thread.run_sync(self._open_served, rec)
+        self.mounts[rec.fsid] = served
+        self.mounting.add(rec.fsid)
+        state.save(self.settings.mounts_dir, rec)
+        try:
+            await trio.to_thread.run_sync(fsmount.mount, rec)
+        except OSError as e:
+            self._forget(rec.fsid)
+            raise FscacheError(f"mount of {rec.bootstrap} on {rec.mountpoint} failed: "
+                               f"{e.strerror} (see dmesg)") from None
+        finally:
+            self.mounting.discard(rec.fsid)
+        self.had_mounts = True
+        log.info("mounted %s on %s (fsid %s, domain %s)", rec.bootstrap, rec.mountpoint, rec.fsid, rec.domain_id)
+        return {"fsid": rec.fsid, "mountpoint": rec.mountpoint}
+
+    def _fsid(self, bootstrap: str) -> str:
+        """Content-derived (a cached bootstrap file is reused only for identical bytes), unique among our mounts."""
+        h = hashlib.sha256()
+        try:
+            with open(bootstrap, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise BadImage(f"cannot read image {bootstrap}: {e.strerror}") from None
+        base = h.hexdigest()[:40]
+        taken = set(self.mounts) | set(fsmount.mounted_fsids())
+        fsid, n = base, 1
+        while fsid in taken:
+            n += 1
+            fsid = f"{base}-{n}"
+        return fsid
+
+    async def _watch_mounts(self) -> None:
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            self._check_mounts()
+
+    def _check_mounts(self) -> None:
+        live = fsmount.mounted_fsids()
+        for fsid in [f for f in self.mounts if f not in live and f not in self.mounting]:
+            log.info("%s (fsid %s) was unmounted", self.mounts[fsid].rec.mountpoint, fsid)
+            self._forget(fsid)
+        if self.had_mounts and not self.mounts and not self.mounting:
+            log.info("no mounts left")
+            self._shutdown.set()
+
+    # ------------------------------------------------------------------------------------------ the device
+    async def _device_loop(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self.devfd)
+            while True:
+                try:
+                    buf = os.read(self.devfd, protocol.MSG_BUF_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    log.error("reading %s failed: %s; the cache is dead", protocol.DEVICE, e.strerror)
+                    self._shutdown.set()
+                    return
+                if not buf:
+                    break
+                try:
+                    msg = protocol.parse(buf)
+                except protocol.ProtocolError as e:
+                    log.error("%s", e)
+                    continue
+                if isinstance(msg, protocol.ReadMsg):
+                    obj = self.objects.get(msg.object_id)
+                    if obj is None:
+                        log.error("READ %d for unknown object %d: cannot complete it", msg.msg_id, msg.object_id)
+                        continue
+                    obj.users += 1
+                    self.nursery.start_soon(self._read, obj, msg)
+                elif isinstance(msg, protocol.OpenMsg):
+                    self._open(msg)
+                else:
+                    self._close(msg)
+
+    def _lookup(self, volume: str, cookie: str) -> tuple[str, Served, BlobInfo | None]:
+        """(kind, a mount that has it, the blob); KeyError for a cookie we do not serve."""
+        s = self.mounts.get(cookie)
+        if s is not None and s.rec.volume_key == volume:
+            return "bootstrap", s, None
+        for s in list(self.mounts.values()) + self.retired:
+            if s.rec.volume_key != volume or s.bootstrap_fd < 0:
+                continue
+            for b in s.image.blobs:
+                if b.blob_id == cookie:
+                    return "blob", s, b
+        raise KeyError(cookie)
+
+    def _open(self, msg: protocol.OpenMsg) -> None:
+        self.stats["opens"] += 1
+        self._stats_dirty = True
+        try:
+            kind, s, blob = self._lookup(msg.volume_key, msg.cookie_key)
+            if kind == "bootstrap":
+                data_fd = os.dup(s.bootstrap_fd)
+                size = os.fstat(data_fd).st_size
+            else:
+                assert blob is not None
+                data_fd, size = -1, blob_size(blob, s.image.blksz)
+                blobs = self.stats["blob_opens"]
+                blobs[blob.blob_id] = blobs.get(blob.blob_id, 0) + 1
+            os.set_inheritable(msg.fd, False)
+            obj = Obj(msg.object_id, msg.fd, kind, msg.volume_key, msg.cookie_key, size, data_fd)
+            protocol.copen(self.devfd, msg.msg_id, size)
+        except (KeyError, OSError, RafsError) as e:
+            code = open_errno(e)
+            self.stats["open_errors"] += 1
+            log.warning("OPEN %d (volume %s, cookie %s) refused: %s", msg.msg_id, msg.volume_key, msg.cookie_key,
+                        os.strerror(-code))
+            try:
+                protocol.copen(self.devfd, msg.msg_id, code)
+            except OSError as e2:
+                log.error("copen %d failed: %s", msg.msg_id, e2.strerror)
+            os.close(msg.fd)
+            return
+        old = self.objects.pop(msg.object_id, None)
+        if old is not None:
+            self._drop(old)
+        self.objects[msg.object_id] = obj
+        log.debug("OPEN %d: object %d = %s %s, size %d", msg.msg_id, msg.object_id, kind, msg.cookie_key, size)
+
+    def _close(self, msg: protocol.CloseMsg) -> None:
+        self.stats["closes"] += 1
+        self._stats_dirty = True
+        obj = self.objects.pop(msg.object_id, None)
+        if obj is None:
+            return
+        log.debug("CLOSE object %d (%s %s)", obj.object_id, obj.kind, obj.key)
+        self._drop(obj)
+        if obj.kind == "bootstrap":
+            self._check_mounts()
+
+    @staticmethod
+    def _drop(obj: Obj) -> None:
+        obj.closed = True
+        if obj.users == 0:
+            obj.release()
+
+    # ------------------------------------------------------------------------------------------ READ
+    async def _read(self, obj: Obj, msg: protocol.ReadMsg) -> None:
+        ok = False
+        try:
+            with trio.move_on_after(READ_TIMEOUT) as scope:
+                if self.read_delay:
+                    await trio.sleep(self.read_delay)
+                if obj.kind == "bootstrap":
+                    await trio.to_thread.run_sync(self._fill_bootstrap, obj, msg, limiter=self.limiter)
+                else:
+                    await self._fill_blob(obj, msg)
+                ok = True
+            if scope.cancelled_caught:
+                log.error("READ %d (%s %s, %d+%d) timed out", msg.msg_id, obj.kind, obj.key, msg.offset, msg.length)
+        except (RafsError, OSError, KeyError) as e:
+            log.error("READ %d (%s %s, %d+%d) failed: %s", msg.msg_id, obj.kind, obj.key, msg.offset, msg.length,
+                      f"no mounted image uses blob {e}" if isinstance(e, KeyError) else e)
+        except Exception:
+            log.exception("READ %d (%s %s) failed: internal error", msg.msg_id, obj.kind, obj.key)
+        finally:
+            try:
+                protocol.read_complete(obj.anon_fd, msg.msg_id)
+            except OSError as e:
+                log.warning("READ_COMPLETE %d (object %d): %s", msg.msg_id, obj.object_id, e.strerror)
+            obj.users -= 1
+            if obj.closed and obj.users == 0:
+                obj.release()
+            st = self.stats
+            st["reads"] += 1
+            st["reads_" + obj.kind] += 1
+            st["read_bytes"] += msg.length
+            st["read_failures"] += not ok
+            self._stats_dirty = True
+
+    @staticmethod
+    def _fill_bootstrap(obj: Obj, msg: protocol.ReadMsg) -> None:
+        data = os.pread(obj.data_fd, msg.length, msg.offset)
+        protocol.write_aligned(obj.anon_fd, msg.offset, data, msg.length)
+
+    async def _fill_blob(self, obj: Obj, msg: protocol.ReadMsg) -> None:
+        _, s, blob = self._lookup(obj.volume, obj.key)
+        assert blob is not None and s.source is not None
+        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, msg.length, s.source,
+                                               limiter=self.limiter)
+        mine: list[ChunkRef] = []
+        waits: list[trio.Event] = []
+        for c in chunks:
+            if c.ci_index in obj.ready:
+                continue
+            ev = obj.inflight.get(c.ci_index)
+            if ev is not None:
+                waits.append(ev)
+            else:
+                obj.inflight[c.ci_index] = trio.Event()
+                mine.append(c)
+        try:
+            if mine:
+                done, nbytes = await trio.to_thread.run_sync(self._write_chunks, obj, s, blob, mine,
+                                                             limiter=self.limiter)
+                obj.ready.update(done)
+                st = self.stats
+                st["chunks_fetched"] += len(done)
+                st["bytes_fetched"] += nbytes
+                st["blob_chunks_fetched"][blob.blob_id] = st["blob_chunks_fetched"].get(blob.blob_id, 0) + len(done)
+                if len(done) < len(mine):
+                    raise RafsError(f"{len(mine) - len(done)} chunk(s) could not be fetched")
+        finally:
+            for c in mine:
+                obj.inflight.pop(c.ci_index).set()
+        for ev in waits:
+            await ev.wait()
+        gaps = _uncovered(msg.offset, msg.length, chunks)
+        if gaps:
+            await trio.to_thread.run_sync(self._write_zeros, obj, gaps, limiter=self.limiter)
+
+    @staticmethod
+    def _write_chunks(obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef]) -> tuple[list[int], int]:
+        """Fetch (merged), verify and write whole chunks; on an error retry one by one so good chunks still land."""
+        assert s.source is not None
+        try:
+            pairs = list(zip(chunks, s.source.read_chunks(s.image, blob, chunks)))
+        except RafsError as e:
+            if len(chunks) == 1:
+                raise
+            log.warning("blob %s: %s; fetching chunk by chunk", blob.blob_id, e)
+            pairs = []
+            for c in chunks:
+                try:
+                    pairs.append((c, s.source.read_chunks(s.image, blob, [c])[0]))
+                except RafsError as e1:
+                    log.error("blob %s chunk %d: %s", blob.blob_id, c.ci_index, e1)
+        done, nbytes = [], 0
+        for c, data in pairs:
+            protocol.write_aligned(obj.anon_fd, c.info.uncompressed_offset, data, c.info.uncompressed_size)
+            done.append(c.ci_index)
+            nbytes += len(data)
+        return done, nbytes
+
+    @staticmethod
+    def _write_zeros(obj: Obj, gaps: list[tuple[int, int]]) -> None:
+        for off, n in gaps:
+            protocol.write_aligned(obj.anon_fd, off, b"", n)
+
+    # ------------------------------------------------------------------------------------------ control socket
+    async def _control_loop(self) -> None:
+        listener = trio.socket.from_stdlib_socket(self.listener)
+        while True:
+            conn, _ = await listener.accept()
+            self.nursery.start_soon(self._serve_conn, conn)
+
+    async def _serve_conn(self, conn) -> None:
+        with conn:
+            buf = b""
+            while not buf.endswith(b"\n") and len(buf) < 1 << 20:
+                part = await conn.recv(65536)
+                if not part:
+                    return
+                buf += part
+            try:
+                req = json.loads(buf)
+                reply = {"ok": True, **await self._handle(req)}
+            except (RafsError, OSError, ValueError, KeyError, TypeError) as e:
+                reply = {"ok": False, "error": str(e) if isinstance(e, RafsError) else f"{type(e).__name__}: {e}"}
+            data = memoryview(json.dumps(reply).encode() + b"\n")
+            try:
+                while data:
+                    data = data[await conn.send(data):]
+            except OSError:
+                pass
+
+    async def _handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "mount":
+            return await self._mount(req)
+        if op == "status":
+            return {"pid": os.getpid(), "supervisor": os.getppid(), "restored": self.restored,
+                    "mounts": [{"fsid": f, "mountpoint": s.rec.mountpoint, "bootstrap": s.rec.bootstrap}
+                               for f, s in self.mounts.items()]}
+        if op == "stats":
+            return {"stats": self.stats}
+        if op == "shutdown":
+            self._shutdown.set()
+            return {}
+        raise FscacheError(f"unknown request {op!r}")
+
+    # ------------------------------------------------------------------------------------------ stats
+    async def _stats_writer(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            if self._stats_dirty:
+                self._write_stats()
+
+    def _write_stats(self) -> None:
+        self._stats_dirty = False
+        tmp = self.settings.stats_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.stats, f)
+            os.replace(tmp, self.settings.stats_path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.settings.stats_path, e.strerror)
+
+
+def _uncovered(offset: int, length: int, chunks: list[ChunkRef]) -> list[tuple[int, int]]:
+    """Parts of [offset, offset+length) outside every chunk's page-rounded span (padding between or after chunks:
+    zeros), page-aligned."""
+    out = []
+    pos, end = offset, offset + length
+    for c in sorted(chunks, key=lambda c: c.info.uncompressed_offset):
+        start = c.info.uncompressed_offset
+        stop = protocol.round_up(start + c.info.uncompressed_size)
+        if start > pos:
+            out.append((pos, min(start, end) - pos))
+        pos = max(pos, stop)
+        if pos >= end:
+            break
+    if pos < end:
+        out.append((pos, end - pos))
+    return [(o, n) for o, n in out if n > 0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fscache_backend.daemon",
+                                description="the rafsfs fscache daemon (started by the supervisor)")
+    p.add_argument("--devfd", type=int, required=True)
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--restore", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"rafsfs: fscache[{os.getpid()}] %(levelname)s: %(message)s")
+    listener = socket.socket(fileno=args.listen_fd)
+    d = Daemon(args.devfd, listener, Settings.from_env(), args.restore)
+    t0 = time.monotonic()
+    trio.run(d.run)
+    log.debug("ran %.1f s", time.monotonic() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""What ``rafsfs mount --mode fscache --foreground`` does: hand the mount to the running daemon, or become the
+supervisor of a new one (the kernel allows a single cachefiles daemon per machine)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from . import control
+from .errors import FscacheError
+from .settings import Settings
+from .supervisor import run as run_supervisor
+
+log = logging.getLogger(__name__)
+
+
+def mount_request(bootstrap: str, mountpoint: str, blob_dir: str | None, devices: list[str],
+                  config: str | None) -> dict:
+    return {"bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.realpath(mountpoint),
+            "blob_dir": os.path.abspath(blob_dir) if blob_dir else None,
+            "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None}
+
+
+def _delegate(settings: Settings, req: dict) -> dict | None:
+    """The running daemon's reply, or None when no daemon listens."""
+    try:
+        return control.request(settings.control_path, {"op": "mount", **req})
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
+def mount_foreground(req: dict, settings: Settings | None = None, verbose: bool = False,
+                     on_mounted: Callable[[int], None] | None = None) -> int:
+    """Returns once the mount is made by an already running daemon, or after serving it (and any later mounts) as a
+    new daemon until they are all unmounted or SIGTERM arrives."""
+    settings = settings or Settings.from_env()
+    for attempt in range(50):
+        reply = _delegate(settings, req)
+        if reply is not None:
+            log.info("mounted %s on %s (fsid %s) by the running fscache daemon", req["bootstrap"],
+                     req["mountpoint"], reply["fsid"])
+            if on_mounted is not None:
+                on_mounted(daemon_pids(settings)[0])
+            return 0
+        try:
+            run_supervisor(settings, req, verbose, on_mounted)
+            return 0
+        except FscacheError as e:
+            busy = isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EBUSY
+            if "in use by another" not in str(e) and not busy:
+                raise
+        time.sleep(0.1)  # another daemon is starting or exiting right now
+    raise FscacheError("/dev/cachefiles stays busy but no rafsfs daemon answers")
+
+
+def daemon_pids(settings: Settings | None = None) -> tuple[int, int]:
+    """(supervisor pid, daemon pid) of the running fscache daemon."""
+    settings = settings or Settings.from_env()
+    st = control.request(settings.control_path, {"op": "status"}, timeout=10)
+    return st["supervisor"], st["pid"]

@@ -1,0 +1,26 @@
+"""The chunk source behind fscache mounts: the configured backend without the chunk cache.  In fscache mode the
+kernel's cache file is the uncompressed blob, so a second, persisting copy would only duplicate it."""
+from __future__ import annotations
+
+import os
+
+from rafsfs.config import load_config
+from rafsfs.errors import BlobUnavailable
+from rafsfs.storage.backend.localfs import LocalFsBackend
+from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.open import backend_from_config
+
+
+def open_source(blob_dir: str | None, devices: list[str], config: str | None) -> DirectChunkSource | None:
+    """``--config`` names the backend (its cache section is ignored); ``--blob-dir``/``--device`` override it with
+    local blobs.  None when nothing was given."""
+    if blob_dir is not None and not os.path.isdir(blob_dir):
+        raise BlobUnavailable(f"blob directory {blob_dir} does not exist or is not a directory")
+    if config is not None:
+        cfg = load_config(config)
+        if blob_dir is not None or devices:
+            cfg.backend.type, cfg.backend.blob_dir, cfg.backend.devices = "localfs", blob_dir, list(devices)
+        return DirectChunkSource(backend_from_config(cfg), cfg.digest_validate, cfg.amplify_io)
+    if blob_dir is None and not devices:
+        return None
+    return DirectChunkSource(LocalFsBackend(blob_dir, list(devices)))
