@@ -10,6 +10,9 @@ The API, all of it::
         reg.pause() / reg.resume()                               # SIGSTOP / SIGCONT: a registry that hangs
         reg.blob_path(digest)                                    # the stored blob file (to corrupt it)
         reg.token_server.hits                                    # token requests (auth="token")
+        with reg.counting_proxy() as px:                         # a plain-HTTP proxy in front of it that
+            cfg = reg.nydusd_config(repo, work_dir, host=px.host)  # records each request's Range header:
+            px.blob_gets(digest, overlapping=(start, end))       # GETs whose range overlaps [start, end)
 
 * Requests are counted **at the registry**: it logs one JSON line per answered request, which
   :meth:`Registry.requests` parses (waiting until the log is quiet, since the line is written just after the
@@ -33,6 +36,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -177,6 +181,90 @@ class TokenServer:
     def ok_hits(self) -> int:
         with self._lock:
             return sum(1 for h in self.hits if h["status"] == 200)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------- counting proxy
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+               "transfer-encoding", "upgrade", "host", "content-length"}
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+class CountingProxy:
+    """A reverse proxy on 127.0.0.1 that forwards every request to the registry (plain HTTP) and records it with
+    its ``Range``: the registry's own log has no ranges, so this is how a test counts requests for one chunk."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.records: list[dict] = []  # {"method", "path", "range": (start, end) | None, "status"}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, name="counting-proxy", daemon=True).start()
+
+    def _handler(self):
+        px = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                conn = http.client.HTTPConnection("127.0.0.1", px.upstream_port, timeout=300)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                except OSError:
+                    data, resp = None, None
+                finally:
+                    conn.close()
+                m = _RANGE.fullmatch(self.headers.get("Range", ""))
+                with px._lock:
+                    px.records.append({"method": self.command, "path": self.path,
+                                       "range": (int(m[1]), int(m[2]) + 1) if m else None,
+                                       "status": resp.status if resp else 502})
+                if resp is None:
+                    self.send_error(502)
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP_BY_HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        return Handler
+
+    def blob_gets(self, digest: str | None = None, *, overlapping: tuple[int, int] | None = None) -> list[dict]:
+        """Data-carrying GETs of blob ``digest`` (any blob if None); with ``overlapping=(start, end)`` only those
+        whose Range overlaps that byte range (a GET without Range covers everything)."""
+        want = f"/blobs/sha256:{digest}" if digest else "/blobs/sha256:"
+        with self._lock:
+            recs = list(self.records)
+        out = []
+        for r in recs:
+            if r["method"] != "GET" or want not in r["path"] or r["status"] not in (200, 206):
+                continue
+            if overlapping and r["range"] and not (r["range"][0] < overlapping[1] and overlapping[0] < r["range"][1]):
+                continue
+            out.append(r)
+        return out
 
     def close(self) -> None:
         self._server.shutdown()
@@ -350,6 +438,16 @@ class Registry:
         want = f"/blobs/sha256:{digest}" if digest else "/blobs/sha256:"
         return [r for r in self.requests(settle=settle)
                 if r["method"] == "GET" and want in (r["uri"] or "") and r["status"] in (200, 206)]
+
+    @contextlib.contextmanager
+    def counting_proxy(self) -> Iterator[CountingProxy]:
+        """A :class:`CountingProxy` in front of this registry (plain HTTP only), closed when the block ends."""
+        assert not self.tls, "the counting proxy speaks plain HTTP"
+        px = CountingProxy(self.port)
+        try:
+            yield px
+        finally:
+            px.close()
 
     def blob_path(self, digest: str) -> Path:
         """The stored file of a blob in the registry's filesystem storage."""
