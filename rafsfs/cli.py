@@ -100,6 +100,9 @@ def _read_prefetch_list(path: str) -> list[str]:
 def cmd_build(args: argparse.Namespace) -> int:
     from .builder import BuildOptions, build
 
+    if len(args.source) > 1:
+        return _build_layers(args)
+    args.source = args.source[0]
     prefetch = _read_prefetch_list(args.prefetch_list) if args.prefetch_list else []
     start = time.monotonic()
     with Progress("build") as progress:
@@ -112,6 +115,28 @@ def cmd_build(args: argparse.Namespace) -> int:
              f"{result.files} files, {result.data_bytes} bytes ({format_bytes(result.data_bytes)}), "
              f"{result.chunks} chunks, {result.dedup_chunks} deduplicated, blob {format_bytes(result.blob_size)}, "
              f"{format_bytes(result.data_bytes / elapsed)}/s in {elapsed:.2f}s")
+    return 0
+
+
+def _build_layers(args: argparse.Namespace) -> int:
+    from .builder.merge import build_layers
+
+    if args.prefetch_list:
+        raise RafsError("--prefetch-list is not supported for multi-layer builds yet")
+    start = time.monotonic()
+    with Progress("build") as progress:
+        done = [0] * len(args.source)
+
+        def step(layer: int, n: int, _total: int) -> None:
+            done[layer] = n
+            progress.update(sum(done))
+
+        res = build_layers(args.source, args.bootstrap, args.blob_dir, compressor=args.compressor,
+                           chunk_size=args.chunk_size, digester=args.digester, progress=step)
+    data = sum(lr.data_bytes for lr in res.layers)
+    _println(f"built {res.bootstrap} from {len(res.layers)} layers: {len(res.blob_ids)} blobs "
+             f"({' '.join(res.blob_ids) or 'none'}), {res.inodes} inodes, {data} bytes ({format_bytes(data)}), "
+             f"blobs {format_bytes(sum(lr.blob_size for lr in res.layers))}, {time.monotonic() - start:.2f}s")
     return 0
 
 
@@ -250,6 +275,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
     if mode == "fuse":
         preflight(mountpoint)
+    if _is_reference(args.source):  # fetch only the bootstrap; blobs are read lazily from the registry
+        from .oci.pull import prepare_mount
+
+        if args.config:
+            raise RafsError("a registry reference brings its own storage configuration: drop --config")
+        args.source, args.config = prepare_mount(_reference(args, args.source), args.work_dir,
+                                                 platform=args.platform)
     image = RafsImage.open(args.source)  # a bad image fails here, in one line, before anything is mounted
     if mode == "fscache":
         image.close()
@@ -361,6 +393,47 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_reference(source: str) -> bool:
+    """SOURCE names a registry image rather than a file: it does not exist and does not look like a path."""
+    return not os.path.exists(source) and not source.startswith(("/", "./", "../", "~"))
+
+
+def _reference(args: argparse.Namespace, text: str):
+    from .oci.reference import parse_reference
+
+    return parse_reference(text, plain_http=args.plain_http, insecure=args.insecure)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .oci.convert import ConvertOptions, convert
+
+    stages = {"download": Progress("download"), "build": Progress("build"), "push": Progress("push")}
+    try:
+        res = convert(ConvertOptions(
+            source=_reference(args, args.source), target=_reference(args, args.target), platform=args.platform,
+            compressor=args.compressor, chunk_size=args.chunk_size, work_dir=args.work_dir,
+            progress=lambda stage, done, total: stages[stage].update(done, total=total or None)))
+    finally:
+        for pr in stages.values():
+            pr.close()
+    _println(f"converted {args.source} ({res.layers} layers, {format_bytes(res.source_bytes)}) to {res.target}@"
+             f"{res.manifest_digest}: {len(res.blob_ids)} blobs ({format_bytes(res.blob_bytes)}, "
+             f"{res.pushed_blobs} uploaded), bootstrap layer {format_bytes(res.bootstrap_bytes)}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .oci.pull import pull
+
+    with Progress("pull") as progress:
+        res = pull(_reference(args, args.ref), args.dest, blobs=args.blobs, platform=args.platform,
+                   progress=lambda done, total: progress.update(done, total=total))
+    what = f", {len(res.blobs)} blobs in {res.blob_dir}" if res.blob_dir else f", {len(res.blobs)} blobs (not fetched)"
+    _println(f"pulled {res.reference}@{res.manifest_digest}: bootstrap {res.bootstrap}{what}; "
+             f"{format_bytes(res.bytes_fetched)} fetched")
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from .sysmount import umount
 
@@ -369,6 +442,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the parser
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry", "localhost and 127.0.0.1 registries speak plain HTTP, others HTTPS")
+    g.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the image to use from a multi-platform index (default: this host's)")
+    g.add_argument("--plain-http", action="store_true", help="use plain HTTP for every registry")
+    g.add_argument("--insecure", action="store_true", help="HTTPS without certificate verification")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("logging")
@@ -407,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("build", cmd_build, "build a RAFS v6 image (bootstrap + one blob) from a directory or layer tar",
                 "Build a Nydus RAFS v6 bootstrap and one data blob from SOURCE.  The blob is written into "
                 "--blob-dir, named by its id.  Prints one summary line.")
-    p.add_argument("source", metavar="SOURCE",
-                   help="a directory, or an OCI layer tarball (.tar, .tar.gz/.tgz, .tar.zst)")
+    p.add_argument("source", metavar="SOURCE", nargs="+",
+                   help="a directory, or an OCI layer tarball (.tar, .tar.gz/.tgz, .tar.zst); several tarballs "
+                        "(bottom layer first) make one merged bootstrap with one blob per layer, whiteouts applied")
     p.add_argument("--bootstrap", metavar="FILE", required=True, help="bootstrap (metadata image) to write")
     p.add_argument("--blob-dir", metavar="DIR", required=True, help="directory the data blob is written to")
     p.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd",
@@ -457,8 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "Mount the image at MOUNTPOINT read-only.  File data is read on demand through the configured "
                 "backend and chunk cache.  Runs in the background unless --foreground; stop it with "
                 "'rafsfs umount MOUNTPOINT' or SIGTERM, which unmount cleanly.", data)
-    p.add_argument("source", metavar="SOURCE", help="bootstrap file (registry references come later)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="bootstrap file, or a Nydus image in a registry (REGISTRY/REPO[:TAG|@DIGEST]): only its "
+                        "bootstrap layer is fetched, blobs are read lazily; credentials from docker's config.json")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    _registry_options(p)
+    p.add_argument("--work-dir", metavar="DIR", default="/var/lib/rafsfs",
+                   help="with a registry reference: where bootstraps (images/) and the chunk cache (cache/) are "
+                        "kept (default: %(default)s)")
     p.add_argument("--mode", choices=["fuse", "fscache", "auto"], default="auto",
                    help="fuse (userspace), fscache (the kernel's EROFS over on-demand cachefiles: one daemon serves "
                         "every fscache mount; cache dir $RAFSFS_FSCACHE_DIR, default /var/cache/rafsfs/fscache, on "
@@ -480,6 +568,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="a mount made by 'rafsfs mount'")
     p.add_argument("--apisock", metavar="SOCK", help="the daemon's API socket instead of MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("convert", cmd_convert, "convert an OCI image in a registry to a Nydus RAFS v6 image",
+                "Read the OCI image SOURCE from its registry, build one RAFS v6 blob per layer and one bootstrap "
+                "merged over all layers (whiteouts and opaque directories applied), and push the Nydus image "
+                "(blob layers + bootstrap layer, as nydusify makes them) to TARGET.")
+    p.add_argument("source", metavar="SOURCE", help="OCI image reference, e.g. 127.0.0.1:5000/app:1.0")
+    p.add_argument("target", metavar="TARGET", help="where to push the Nydus image (a tag)")
+    _registry_options(p)
+    p.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd",
+                   help="chunk compression (default: %(default)s)")
+    p.add_argument("--chunk-size", metavar="SIZE", type=chunk_size, default=1 << 20,
+                   help="chunk size, a power of two from 4K to 16M (default: 1M)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="keep downloaded layers, blobs and the bootstrap here (default: a temporary directory, "
+                        "removed afterwards); a rerun reuses downloaded layers")
+
+    p = command("pull", cmd_pull, "fetch a Nydus image's bootstrap (and blobs) from a registry",
+                "Write DEST/image.boot and DEST/manifest.json from the Nydus image REF; with --blobs also every "
+                "data blob into DEST/blobs/ (then 'rafsfs extract DEST/image.boot X --blob-dir DEST/blobs' works "
+                "offline).  Every download is checked against its digest.")
+    p.add_argument("ref", metavar="REF", help="Nydus image reference")
+    p.add_argument("dest", metavar="DEST", help="destination directory (created)")
+    _registry_options(p)
+    p.add_argument("--blobs", action="store_true", help="fetch the data blobs too")
 
     p = command("umount", cmd_umount, "unmount a rafsfs mount",
                 "Unmount MOUNTPOINT; the daemon serving it then exits.")

@@ -95,7 +95,7 @@ def apply_layer(lower: Node, upper: Node) -> None:
             if _is_whiteout(name) and name != OPAQUE:
                 target = name[len(WHITEOUT_PREFIX):]
                 if target in (b"", b".", b".."):
-                    raise BuildError(f"invalid whiteout {name!r}")
+                    raise BuildError(f"invalid whiteout {os.fsdecode(name)!r}")
                 mdir.children.pop(target, None)
         for name, uchild in udir.children.items():
             if _is_whiteout(name):
@@ -181,7 +181,10 @@ def build_layers(layers: list[str], bootstrap: str, blob_dir: str, *, compressor
         except BaseException:
             writer.abort()
             raise
-        apply_layer(merged, tree)
+        try:
+            apply_layer(merged, tree)
+        except BuildError as e:
+            raise BuildError(f"{path}: {e}") from None
         if entry is not None:
             entry = replace(entry, blob_index=len(parts))
             for node in with_data:
