@@ -216,7 +216,7 @@ class Containerd:
 
     NS = "rafsfs"
 
-    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None):
+    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, plain_http: tuple[str, ...] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.address = str(self.root / "c.sock")
@@ -270,7 +270,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                          "--daemon-mode", "dedicated", "--log-level", "info", "--log-to-stdout"],
                         nydus_sock)
             if soci:
-                (self.root / "soci.toml").write_text("")
+                # soci-snapshotter speaks HTTPS to registries unless a mirror entry says plain HTTP ("insecure")
+                (self.root / "soci.toml").write_text("".join(
+                    f'[[resolver.host."{h}".mirrors]]\nhost = "{h}"\ninsecure = true\n' for h in plain_http))
                 self._start("soci-snapshotter",
                             ["soci-snapshotter-grpc", "--root", str(self.root / "soci"), "--address", str(soci_sock),
                              "--config", str(self.root / "soci.toml"), "--log-level", "warn"], soci_sock)
