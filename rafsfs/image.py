@@ -597,21 +597,18 @@ class RafsImage:
 
     def chunks(self, ino: Inode, first: int = 0, last: int | None = None,
                source: ChunkSource | None = None) -> list[ChunkRef]:
-        """The chunks of a regular file (chunk j covers [j*cs, min((j+1)*cs, size))), located in their blobs."""
-        return [self._resolve_chunk(ino, r, source) for r in self._chunk_refs(ino, first, last)]
+        """The chunks of a regular file (chunk j covers [j*cs, min((j+1)*cs, size))), located in their blobs.
 
-    def _chunk_refs(self, ino: Inode, first: int = 0, last: int | None = None) -> list[ChunkRef]:
+        For Nydus images each chunk's compressed location comes from the bootstrap's chunk table or, lacking one,
+        from the blob's chunk-info array (read through ``source``, then kept)."""
         if ino.layout != LAYOUT_CHUNK_BASED:
             raise BadImage(f"inode {ino.nid} is not chunk-based")
         cs, count, start, esize = self._chunk_layout(ino)
         last = count - 1 if last is None else min(last, count - 1)
-        out = []
-        for j in range(first, last + 1):
-            length = min(cs, ino.size - j * cs)
-            out.append(self._chunk_ref(ino, start + j * esize, esize, length))
-        return out
+        return [self._chunk_ref(ino, start + j * esize, esize, min(cs, ino.size - j * cs), source)
+                for j in range(first, last + 1)]
 
-    def _chunk_ref(self, ino: Inode, off: int, esize: int, length: int) -> ChunkRef:
+    def _chunk_ref(self, ino: Inode, off: int, esize: int, length: int, source: ChunkSource | None) -> ChunkRef:
         blk = self.blksz
         if esize == BLOCK_MAP_ENTRY_SIZE:
             (addr,) = struct.unpack_from("<I", self.buf, off)
@@ -635,18 +632,19 @@ class RafsImage:
         blob = self.blobs[bidx]
         if cidx >= blob.chunk_count:
             raise BadImage(f"inode {ino.nid}: chunk index {cidx} beyond blob's {blob.chunk_count} chunks")
-        return ChunkRef(bidx, cidx, _PendingInfo(ci.blkaddr * blk, length))  # type: ignore[arg-type]
+        info, digest = self.chunk_info(bidx, cidx, source)
+        if info.uncompressed_offset != ci.blkaddr * blk or info.uncompressed_size < length:
+            raise BadImage(f"inode {ino.nid}: chunk {cidx} of blob {blob.blob_id} "
+                           f"disagrees with the blob's chunk information")
+        return ChunkRef(bidx, cidx, info, digest)
 
     def _bootstrap_chunk(self, ino: Inode, addr: int, length: int) -> ChunkRef:
         self._bytes(addr, length, f"data of inode {ino.nid}")
         return ChunkRef(BOOTSTRAP, 0, bm.ChunkInfo(addr, length, addr, length, False))
 
     def map_range(self, ino: Inode, offset: int, size: int, source: ChunkSource | None = None) -> list[ChunkSlice]:
-        """The chunk slices that make up bytes [offset, offset+size) of a regular file, clipped to its size.
-
-        For Nydus images each chunk's compressed location comes from the bootstrap's chunk table or, lacking one,
-        from the blob's chunk-info array (read through ``source``, then kept).
-        """
+        """The chunk slices that make up bytes [offset, offset+size) of a regular file, clipped to its size
+        (chunks located as :meth:`chunks` does)."""
         if ino.is_dir():
             raise IsADirectory(f"inode {ino.nid} is a directory")
         end = min(offset + size, ino.size)
@@ -665,16 +663,6 @@ class RafsImage:
             hi = min(end, (j + 1) * cs)
             out.append(ChunkSlice(lo, ref, lo - j * cs, hi - lo))
         return out
-
-    def _resolve_chunk(self, ino: Inode, ref: ChunkRef, source: ChunkSource | None) -> ChunkRef:
-        pending = ref.info
-        if not isinstance(pending, _PendingInfo):
-            return ref
-        info, digest = self.chunk_info(ref.blob_index, ref.ci_index, source)
-        if info.uncompressed_offset != pending.uncompressed_offset or info.uncompressed_size < pending.length:
-            raise BadImage(f"inode {ino.nid}: chunk {ref.ci_index} of blob {self.blobs[ref.blob_index].blob_id} "
-                           f"disagrees with the blob's chunk information")
-        return ChunkRef(ref.blob_index, ref.ci_index, info, digest)
 
     # ------------------------------------------------------------------ chunk information
     def chunk_table(self) -> dict[tuple[int, int], ChunkTableEntry]:
@@ -898,14 +886,6 @@ class RafsImage:
                     seen_dirs.add(child.nid)
                     subdirs.append((cpath, child))
             stack.extend(reversed(subdirs))
-
-
-@dataclass(frozen=True)
-class _PendingInfo:
-    """Chunk location known only by its uncompressed offset until the blob's chunk info is consulted."""
-
-    uncompressed_offset: int
-    length: int
 
 
 def _tag_id(tag: bytes) -> str:

@@ -198,7 +198,9 @@ class ChunkCache:
         with self._lock:
             last = self._last_ci.get(bc.name)
             self._last_ci[bc.name] = hi
-            if last is None or not last <= lo <= last + 1:
+            # in order: this read moves on to the next chunk (re-reads of one chunk, say by many readers at once,
+            # are not a sequence)
+            if last is None or not (lo == last + 1 or (lo == last and hi > last)):
                 return
             start = max(hi + 1, self._ahead_until.get(bc.name, 0))
             want = hi + 1 + max(1, self.opts.readahead // max(blob.chunk_size, 1))
