@@ -280,8 +280,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         if args.config:
             raise RafsError("a registry reference brings its own storage configuration: drop --config")
-        args.source, args.config = prepare_mount(_reference(args, args.source), args.work_dir,
-                                                 platform=args.platform)
+        try:
+            args.source, args.config = prepare_mount(_reference(args, args.source), args.work_dir,
+                                                     platform=args.platform)
+        except RafsError as e:
+            raise RafsError(f"{e} ({args.source} is not a file, so it was taken as an image reference)") from None
     image = RafsImage.open(args.source)  # a bad image fails here, in one line, before anything is mounted
     if mode == "fscache":
         image.close()
@@ -394,8 +397,9 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
 
 
 def _is_reference(source: str) -> bool:
-    """SOURCE names a registry image rather than a file: it does not exist and does not look like a path."""
-    return not os.path.exists(source) and not source.startswith(("/", "./", "../", "~"))
+    """SOURCE names a registry image rather than a file: it does not exist, does not look like a path and has a
+    repository part (a bare name is taken as a missing file, not as a Docker Hub image)."""
+    return not os.path.exists(source) and "/" in source and not source.startswith(("/", "./", "../", "~"))
 
 
 def _reference(args: argparse.Namespace, text: str):

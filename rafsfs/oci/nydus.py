@@ -86,7 +86,7 @@ def extract_bootstrap(layer_path: str, dest: str) -> None:
         with tarfile.open(layer_path, mode="r:*") as tf:
             member = None
             for m in tf:
-                if m.name.lstrip("./") == BOOTSTRAP_NAME or m.name == BOOTSTRAP_NAME:
+                if m.name.removeprefix("./") == BOOTSTRAP_NAME:
                     member = m
             if member is None or not member.isreg():
                 raise BadImage(f"bootstrap layer has no regular file {BOOTSTRAP_NAME}")
