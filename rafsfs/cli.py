@@ -280,11 +280,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         if args.config:
             raise RafsError("a registry reference brings its own storage configuration: drop --config")
+        ref = _reference(args, args.source)
         try:
-            args.source, args.config = prepare_mount(_reference(args, args.source), args.work_dir,
-                                                     platform=args.platform)
+            args.source, args.config = prepare_mount(ref, args.work_dir, platform=args.platform)
         except RafsError as e:
-            raise RafsError(f"{e} ({args.source} is not a file, so it was taken as an image reference)") from None
+            if ref.registry != "docker.io" or args.source.startswith("docker.io/"):
+                raise
+            raise RafsError(f"{e} ({args.source} is not a file, so it was taken as a Docker Hub image)") from None
     image = RafsImage.open(args.source)  # a bad image fails here, in one line, before anything is mounted
     if mode == "fscache":
         image.close()

@@ -202,6 +202,50 @@ def test_convert_and_pull_errors_are_one_line(reg, converted, tmp_path):
                                                    f"{reg.host}/nydus/corrupt:1"))
 
 
+def _push_raw_manifest(reg, repo: str, tag: str, layers: list[tuple[bytes, str, dict]]) -> None:
+    """A manifest over arbitrary layer bytes (media type, annotations): what a hostile registry could serve."""
+    descs = [{"mediaType": mt, "digest": "sha256:" + reg.push_blob(repo, data), "size": len(data),
+              "annotations": ann} for data, mt, ann in layers]
+    cfg = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    put_manifest(reg, repo, tag, {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": descs,
+                                  "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                             "digest": "sha256:" + reg.push_blob(repo, cfg), "size": len(cfg)}},
+                 OCI_MANIFEST)
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_hostile_images_are_refused_in_one_line(reg, tmp_path):
+    boot_ann = {"containerd.io/snapshot/nydus-bootstrap": "true", "containerd.io/snapshot/nydus-fs-version": "6"}
+    _push_raw_manifest(reg, "bad/img", "media", [(b"x" * 10, "application/vnd.example.unknown", {})])
+    assert "unsupported media type" in _error_line(run_rafsfs_proc("convert", f"{reg.host}/bad/img:media",
+                                                                   f"{reg.host}/bad/out:1"))
+    _push_raw_manifest(reg, "bad/img", "notgz", [(b"not a tarball at all", TAR_GZ, boot_ann)])
+    assert "not a valid tar.gz" in _error_line(run_rafsfs_proc("pull", f"{reg.host}/bad/img:notgz", tmp_path / "a"))
+    _push_raw_manifest(reg, "bad/img", "noboot", [(_tar_gz({"image/other": b"x"}), TAR_GZ, boot_ann)])
+    assert "no regular file image/image.boot" in _error_line(
+        run_rafsfs_proc("pull", f"{reg.host}/bad/img:noboot", tmp_path / "b"))
+    _push_raw_manifest(reg, "bad/img", "garbage", [(_tar_gz({"image/image.boot": os.urandom(8192)}), TAR_GZ,
+                                                    boot_ann)])
+    for argv in (("pull", f"{reg.host}/bad/img:garbage", tmp_path / "c"),
+                 ("mount", f"{reg.host}/bad/img:garbage", tmp_path / "mnt", "--work-dir", tmp_path / "w")):
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        assert "image" in _error_line(run_rafsfs_proc(*argv))
+    assert not os.path.ismount(tmp_path / "mnt")
+    assert not list((tmp_path / "w").rglob("image.boot")), "a bad bootstrap was left in the work dir"
+    _push_raw_manifest(reg, "bad/img", "v5", [(_tar_gz({"image/image.boot": b"x"}), TAR_GZ,
+                                               {**boot_ann, "containerd.io/snapshot/nydus-fs-version": "5"})])
+    assert "only RAFS v6" in _error_line(run_rafsfs_proc("pull", f"{reg.host}/bad/img:v5", tmp_path / "d"))
+
+
 # ---------------------------------------------------------------------------------------------- pull and mount
 def test_pull_fetches_only_the_bootstrap_unless_asked(reg, converted, expected, tmp_path):
     _, dst, _ = converted

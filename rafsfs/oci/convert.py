@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..builder.merge import build_layers
+from ..builder.merge import MAX_LAYERS, build_layers
 from ..errors import RafsError
 from .client import OCI_CONFIG, OCI_MANIFEST, Descriptor, OciError, RegistryClient, json_object
 from .nydus import blob_descriptor, bootstrap_layer, is_nydus
@@ -83,6 +83,8 @@ def _convert(opts: ConvertOptions, work: str) -> ConvertResult:
         manifest = src.resolve(opts.platform)
         if is_nydus(manifest):
             raise OciError(f"{opts.source} is already a Nydus image")
+        if not manifest.layers or len(manifest.layers) > MAX_LAYERS:
+            raise OciError(f"{opts.source} has {len(manifest.layers)} layers (1 to {MAX_LAYERS} can be converted)")
         for i, d in enumerate(manifest.layers):
             if d.media_type not in LAYER_TYPES:
                 raise OciError(f"{opts.source}: layer {i} has unsupported media type {d.media_type!r}")

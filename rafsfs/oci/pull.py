@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..errors import BadImage
 from ..image import RafsImage
 from .client import Manifest, RegistryClient
-from .nydus import blob_descriptors, bootstrap_descriptor, extract_bootstrap
+from .nydus import MAX_BOOTSTRAP, blob_descriptors, bootstrap_descriptor, extract_bootstrap
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class PullResult:
 
 def _fetch_bootstrap(client: RegistryClient, manifest: Manifest, dest_dir: str) -> tuple[str, int]:
     desc = bootstrap_descriptor(manifest)
+    if desc.size > MAX_BOOTSTRAP:
+        raise BadImage(f"bootstrap layer of {desc.size} bytes is larger than the {MAX_BOOTSTRAP} allowed")
     layer = os.path.join(dest_dir, f".bootstrap-{desc.hex}.tar.gz")
     client.download_blob(desc, layer)
     boot = os.path.join(dest_dir, "image.boot")
@@ -36,8 +38,12 @@ def _fetch_bootstrap(client: RegistryClient, manifest: Manifest, dest_dir: str) 
         extract_bootstrap(layer, boot)
     finally:
         os.unlink(layer)
-    with RafsImage.open(boot):  # a bad bootstrap fails here, before anything uses it
-        pass
+    try:
+        with RafsImage.open(boot):  # a bad bootstrap fails here, before anything uses it
+            pass
+    except BaseException:
+        os.unlink(boot)  # never left where a later mount would take it for a good one
+        raise
     return boot, desc.size
 
 
