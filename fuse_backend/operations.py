@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
 
 import pyfuse3
@@ -24,6 +25,8 @@ from rafsfs.image import ChunkSource, Inode, RafsImage
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT = 24 * 3600.0  # the image never changes under the mount
+ATTR_CACHE = 1 << 16  # inodes whose reply attributes are kept (~0.3 KiB each)
+DIR_CACHE = 1024  # directories whose entry lists are kept for the next readdir call
 READ_THREADS = 32
 
 
@@ -61,8 +64,10 @@ class RafsOperations(pyfuse3.Operations):
         self.source = source
         self.limiter = trio.CapacityLimiter(read_threads)
         self.root_nid = image.root_nid
-        self._parents: dict[int, int] = {image.root_nid: image.root_nid}  # dir nid -> parent nid, for '..'
         self._uid, self._gid = uid, gid  # override owners (Nydus without EXPLICIT_UID_GID)
+        # immutable image: replies are built once per inode / directory and reused (bounded, least recently used out)
+        self._attr_of = lru_cache(maxsize=ATTR_CACHE)(self._make_attr)
+        self._children = lru_cache(maxsize=DIR_CACHE)(self._load_children)
 
     # ------------------------------------------------------------------ inode numbers
     def _nid(self, ino: int) -> int:
@@ -72,6 +77,10 @@ class RafsOperations(pyfuse3.Operations):
         return pyfuse3.ROOT_INODE if nid == self.root_nid else nid + 2
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        return self._attr_of(node.nid)
+
+    def _make_attr(self, nid: int) -> pyfuse3.EntryAttributes:
+        node = self.image.inode(nid)
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(node.nid)
         a.generation = 0
@@ -92,7 +101,7 @@ class RafsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ metadata
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         with _fuse_errors("getattr"):
-            return self._attr(self.image.inode(self._nid(inode)))
+            return self._attr_of(self._nid(inode))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         with _fuse_errors("lookup"):
@@ -100,10 +109,7 @@ class RafsOperations(pyfuse3.Operations):
             parent = self.image.inode(pnid)
             if name == b".":
                 return self._attr(parent)
-            node = self.image.lookup(parent, name)  # '..' is on disk in EROFS directories
-            if node.is_dir() and name != b"..":
-                self._parents[node.nid] = pnid
-            return self._attr(node)
+            return self._attr(self.image.lookup(parent, name))  # '..' is on disk in EROFS directories
 
     async def opendir(self, inode: int, ctx) -> int:
         with _fuse_errors("opendir"):
@@ -112,14 +118,18 @@ class RafsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             return inode
 
+    def _load_children(self, nid: int) -> tuple[tuple[bytes, int], ...]:
+        """(name, nid) of a directory's entries but '.' and '..' (the kernel adds those), in on-disk order."""
+        return tuple((e.name, e.nid) for e in self.image.readdir(self.image.inode(nid)) if e.name not in (b".", b".."))
+
     async def readdir(self, fh: int, start_id: int, token) -> None:
+        """readdirplus: every entry goes with its attributes, so a walk needs no lookups.  ``start_id`` is the index
+        of the next entry (the kernel asks again, with a larger one, until a reply comes back empty)."""
         with _fuse_errors("readdir"):
-            node = self.image.inode(self._nid(fh))
-            for i, e in enumerate(self.image.readdir(node)):
-                if i < start_id or e.name in (b".", b".."):
-                    continue
-                child = self.image.inode(e.nid)
-                if not pyfuse3.readdir_reply(token, e.name, self._attr(child), i + 1):
+            children = self._children(self._nid(fh))
+            for i in range(start_id, len(children)):
+                name, nid = children[i]
+                if not pyfuse3.readdir_reply(token, name, self._attr_of(nid), i + 1):
                     return
 
     async def releasedir(self, fh: int) -> None:
