@@ -87,20 +87,42 @@ def _daemon_id(args: argparse.Namespace) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(20))
 
 
+HOLD_INIT = 30.0  # seconds a state query may wait for the mount (the snapshotter's HTTP timeout is 30 s)
+
+
 def run_fuse_daemon(args: argparse.Namespace) -> int:
-    """Mount ``--bootstrap`` at ``--mountpoint`` and serve it (and the API) until SIGTERM or unmount."""
-    from fuse_backend.mount import preflight, run_fuse  # the front end composes the backend
+    """Mount ``--bootstrap`` at ``--mountpoint`` and serve it (and the API) until SIGTERM or unmount.
 
-    from .config import RafsConfig, load_config
-    from .image import RafsImage
-    from .storage.open import source_from_config
-    from .tools import require_source
-
+    The API socket comes first, before the heavy imports and the image: nydus-snapshotter gives the socket 10 s to
+    appear but RUNNING only 2 s after that; a state query made while the daemon is still INIT is answered as soon as
+    the mount is complete (or the daemon DIED)."""
     if not args.bootstrap or not args.mountpoint:
         raise RafsError("fuse mode needs --bootstrap FILE and --mountpoint DIR")
     if args.upgrade:
         raise RafsError("--upgrade (hot upgrade with state takeover) is not supported by rafsfs")
+    daemon_id = _daemon_id(args)
     mountpoint = os.path.realpath(args.mountpoint)
+    hooks = DaemonHooks(on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
+                        mounts=[MountEntry(mountpoint="/", bootstrap=os.path.abspath(args.bootstrap))])
+    with serve_api(args.apisock, daemon_id, hooks, hold_init=HOLD_INIT) as api:
+        try:
+            _serve_fuse(args, mountpoint, hooks, ready=api.running if api is not None else None)
+        except BaseException:
+            if api is not None:
+                api.set_state(DaemonState.DIED)
+            raise
+    log.info("daemon %s stopped", daemon_id)
+    return 0
+
+
+def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, ready) -> None:
+    from fuse_backend.mount import preflight, run_fuse  # the front end composes the backend
+
+    from .config import load_config
+    from .image import RafsImage
+    from .storage.open import source_from_config
+    from .tools import require_source
+
     preflight(mountpoint)
     cfg = load_config(args.config) if args.config else None
     image = RafsImage.open(args.bootstrap)
@@ -108,30 +130,17 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
         source = source_from_config(cfg) if cfg is not None else None
         try:
             require_source(image, source)
-            daemon_id = _daemon_id(args)
-            cfg = cfg or RafsConfig()
-            hooks = DaemonHooks(
-                metrics=source.metrics.snapshot if source is not None else None,
-                backend_type=cfg.backend.type if source is not None else "",
-                work_dir=cfg.cache.work_dir if source is not None and cfg.cache.type != "none" else "",
-                on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
-                mounts=[MountEntry(mountpoint="/", bootstrap=os.path.abspath(args.bootstrap))])
-            with serve_api(args.apisock, daemon_id, hooks) as api:
-                log.info("daemon %s: mounting %s on %s (fuse)", daemon_id, args.bootstrap, mountpoint)
-                ready = api.running if api is not None else None
-                try:
-                    run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
-                except BaseException:
-                    if api is not None:
-                        api.set_state(DaemonState.DIED)
-                    raise
+            if source is not None and cfg is not None:
+                hooks.metrics = source.metrics.snapshot
+                hooks.backend_type = cfg.backend.type
+                hooks.work_dir = cfg.cache.work_dir if cfg.cache.type != "none" else ""
+            log.info("mounting %s on %s (fuse)", args.bootstrap, mountpoint)
+            run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
         finally:
             if source is not None:
                 source.close()
     finally:
         image.close()
-    log.info("daemon stopped")
-    return 0
 
 
 def run_singleton(args: argparse.Namespace) -> int:

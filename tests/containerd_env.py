@@ -81,15 +81,26 @@ def sha256_file(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ registry
 class Registry:
-    """docker-registry on 127.0.0.1:<free port>, storage under ``workdir``."""
+    """docker-registry on 127.0.0.1:<free port>, storage under ``workdir`` (or ``storage``: a second registry
+    process can serve the same images).  ``tls=True``: HTTPS with a certificate for 127.0.0.1 signed by itself,
+    ``ca_file`` being that certificate."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tls: bool = False, storage: Path | None = None):
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.storage = Path(storage) if storage else self.workdir / "data"
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.ca_file: Path | None = None
+        tls_cfg = ""
+        if tls:
+            key, self.ca_file = self.workdir / "key.pem", self.workdir / "cert.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(key), "-out", str(self.ca_file)], check=True, capture_output=True)
+            tls_cfg = f"  tls:\n    certificate: {self.ca_file}\n    key: {key}\n"
         cfg = self.workdir / "registry.yml"
-        self.workdir.mkdir(parents=True, exist_ok=True)
         cfg.write_text(f"""version: 0.1
 log:
   level: warn
@@ -97,19 +108,23 @@ log:
     disabled: true
 storage:
   filesystem:
-    rootdirectory: {self.workdir / 'data'}
+    rootdirectory: {self.storage}
   delete:
     enabled: true
 http:
   addr: 127.0.0.1:{self.port}
-""")
+{tls_cfg}""")
         self._log = open(self.workdir / "registry.log", "wb")
         self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.session = requests.Session()
+        self.session.trust_env = False  # loopback: no proxies, and REQUESTS_CA_BUNDLE must not replace our CA
+        if self.ca_file:
+            self.session.verify = str(self.ca_file)
         deadline = time.monotonic() + 20
         while True:
             try:
-                if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
+                if self.session.get(self.url + "/v2/", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -117,7 +132,6 @@ http:
                 self.close()
                 raise RuntimeError(f"docker-registry did not start: {(self.workdir / 'registry.log').read_text()}")
             time.sleep(0.1)
-        self.session = requests.Session()
 
     def has_blob(self, repo: str, digest: str) -> bool:
         return self.session.head(f"{self.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200
@@ -216,7 +230,7 @@ class Containerd:
 
     NS = "rafsfs"
 
-    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, plain_http: tuple[str, ...] = ()):
+    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, ca_file: Path | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.address = str(self.root / "c.sock")
@@ -270,22 +284,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                          "--daemon-mode", "dedicated", "--log-level", "info", "--log-to-stdout"],
                         nydus_sock)
             if soci:
-                # soci-snapshotter speaks HTTPS to registries unless a mirror entry says plain HTTP ("insecure")
-                (self.root / "soci.toml").write_text("".join(
-                    f'[[resolver.host."{h}".mirrors]]\nhost = "{h}"\ninsecure = true\n' for h in plain_http))
+                # soci-snapshotter 0.4.1 fetches SOCI indexes over HTTPS only (its artifact fetcher has no plain-HTTP
+                # switch), so it reads from a TLS registry whose certificate is ``ca_file``
+                (self.root / "soci.toml").write_text("")
                 self._start("soci-snapshotter",
                             ["soci-snapshotter-grpc", "--root", str(self.root / "soci"), "--address", str(soci_sock),
-                             "--config", str(self.root / "soci.toml"), "--log-level", "warn"], soci_sock)
+                             "--config", str(self.root / "soci.toml"), "--log-level", "warn"], soci_sock,
+                            env={"SSL_CERT_FILE": str(ca_file)} if ca_file else None)
             self._start("containerd", ["containerd", "--config", str(self.root / "containerd.toml"),
                                        "--log-level", "warn"], Path(self.address))
         except BaseException:
             self.close()
             raise
 
-    def _start(self, name: str, argv: list[str], sock: Path, timeout: float = 30) -> None:
+    def _start(self, name: str, argv: list[str], sock: Path, timeout: float = 30, env: dict | None = None) -> None:
         log = open(self.root / f"{name}.log", "ab")
         self._logs.append(log)
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              start_new_session=True)

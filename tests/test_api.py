@@ -87,7 +87,8 @@ def test_mount_daemon_serves_api_and_stats_move(image, tmp_path):
 
         assert (mnt / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
         after = _stats(mnt)
-        assert after["misses"] >= 5  # 300,000 bytes = 5 chunks of 64K, none cached before
+        assert after["misses"] >= 1  # 300,000 bytes = 5 chunks of 64K, none cached before
+        assert after["hits"] + after["misses"] >= 5  # (the cache may fetch some ahead of the reader)
         assert after["bytes_fetched"] > 0
         assert after["bytes_served"] >= 300_000
         assert after["backend_requests"] >= 1 and after["inflight"] == 0
@@ -198,7 +199,8 @@ def test_nydusd_fuse_mode_as_the_snapshotter_runs_it(image, tmp_path):
         fs = c.get("/api/v1/metrics")
         assert fs["data_read"] >= 305_000
         cache = c.get("/api/v1/metrics/blobcache")
-        assert cache["misses"] >= 6 and cache["store_path"] == str(tmp_path / "cache")
+        assert cache["misses"] >= 1 and cache["hits"] + cache["misses"] >= 6  # 6 chunks read (some fetched ahead)
+        assert cache["store_path"] == str(tmp_path / "cache")
         assert c.get("/api/v1/metrics/backend")["read_amount_total"] == cache["bytes_fetched"] > 0
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
@@ -249,8 +251,8 @@ def test_nydusd_bad_input_is_one_line(image, tmp_path, case):
         if live is not None:
             live.close()
     assert p.returncode == 1
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ERROR" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]  # (INFO lines may come before it)
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
     assert not _is_mounted(mnt) if mnt.exists() else True
     if case != "socket-in-use":
         assert not sock.exists()
@@ -318,3 +320,23 @@ def test_default_apisock_fits_a_unix_socket():
     long = "/tmp/" + "d" * 200
     p = default_apisock(long)
     assert len(p) < 108 and p.startswith("/run/rafsfs/mnt-") and p == default_apisock(long)
+
+
+def test_state_query_during_init_is_answered_when_the_mount_is_ready(tmp_path):
+    """With hold_init, a poll made while INIT waits for the state change instead of costing another poll."""
+    import threading
+
+    server = ApiServer(str(tmp_path / "h.sock"), "id0", hold_init=10).start()
+    try:
+        answers: list[tuple[str, float]] = []
+        t0 = time.monotonic()
+        t = threading.Thread(target=lambda: answers.append(
+            (ApiClient(str(tmp_path / "h.sock")).daemon_info()["state"], time.monotonic() - t0)))
+        t.start()
+        time.sleep(0.5)
+        assert not answers  # still held
+        server.running()
+        t.join(10)
+        assert answers and answers[0][0] == "RUNNING" and 0.5 <= answers[0][1] < 5
+    finally:
+        server.close()

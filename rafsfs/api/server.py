@@ -122,10 +122,15 @@ class ApiServer:
     """Serve the API of one daemon on ``path`` from a background thread.  ``state`` starts INIT; the daemon sets
     RUNNING once its mount is complete (nydus-snapshotter waits for that before handing the mount to containerd)."""
 
-    def __init__(self, path: str, daemon_id: str, hooks: DaemonHooks | None = None):
+    def __init__(self, path: str, daemon_id: str, hooks: DaemonHooks | None = None, hold_init: float = 0.0):
+        """``hold_init``: a ``GET /api/v1/daemon`` that arrives while the daemon is still INIT is answered when the
+        state changes (or after this many seconds), so a caller polling for RUNNING learns it the moment the mount
+        is ready instead of on its next poll -- nydus-snapshotter polls only 20 times, 100 ms apart."""
         self.path, self.daemon_id = path, daemon_id
         self.hooks = hooks or DaemonHooks()
         self.state = DaemonState.INIT
+        self.hold_init = hold_init
+        self._settled = threading.Event()
         self._server: _UnixHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._routes: dict[tuple[str, str], Callable[[Query, bytes], tuple[int, Json]]] = {
@@ -170,6 +175,8 @@ class ApiServer:
         if state != self.state:
             log.debug("daemon state %s -> %s", self.state.value, state.value)
         self.state = state
+        if state != DaemonState.INIT:
+            self._settled.set()
 
     def running(self) -> None:
         self.set_state(DaemonState.RUNNING)
@@ -199,6 +206,8 @@ class ApiServer:
         return self.hooks.metrics() if self.hooks.metrics else None
 
     def _daemon(self, q: Query, b: bytes) -> tuple[int, Json]:
+        if self.state == DaemonState.INIT and self.hold_init > 0:
+            self._settled.wait(self.hold_init)
         return 200, {"id": self.daemon_id, "version": build_info().to_json(), "state": self.state.value,
                      "supervisor": None, "pid": os.getpid(),
                      "backend_collection": {e.mountpoint: e.to_json() for e in self.hooks.mounts}}
@@ -273,12 +282,13 @@ def _remove_stale_socket(path: str) -> None:
 
 
 @contextmanager
-def serve_api(path: str | None, daemon_id: str, hooks: DaemonHooks | None = None) -> Iterator[ApiServer | None]:
+def serve_api(path: str | None, daemon_id: str, hooks: DaemonHooks | None = None,
+              hold_init: float = 0.0) -> Iterator[ApiServer | None]:
     """Start an :class:`ApiServer` on ``path`` (None: no API) for the duration of the block; always closed."""
     if path is None:
         yield None
         return
-    server = ApiServer(path, daemon_id, hooks).start()
+    server = ApiServer(path, daemon_id, hooks, hold_init).start()
     try:
         yield server
     finally:
