@@ -13,7 +13,7 @@ as a one-layer OCI image (gzip) in a local docker-registry on 127.0.0.1.  The co
     SOCI       soci-snapshotter (Debian 13) with a SOCI index made by ``soci create`` and pushed next to the image;
                ``soci image rpull``, then ``ctr run --snapshotter soci``.  soci-snapshotter 0.4.1 fetches SOCI
                indexes over HTTPS only, so this way reads the same stored images through a second docker-registry
-               process with TLS on 127.0.0.1 (the other two use plain HTTP; TLS on loopback costs SOCI a little)
+               process with TLS on loopback, named 0.0.0.0 (the other two use plain HTTP; TLS costs SOCI a little)
 
 Each run gets a fresh containerd + snapshotter root (nothing cached locally) and dropped page caches.  "first
 output" is when ``42`` reaches ctr's stdout; "total" adds the pull.  Preparation (push, convert, SOCI index) is not
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     reg_tls = Registry(work / "reg-tls", tls=True, storage=reg.storage)
     runs: dict[str, list[dict]] = {w: [] for w in ways}
     try:
-        refs = prepare(reg, work, soci=not args.no_soci, tls_host=reg_tls.host)
+        # 0.0.0.0 reaches the 127.0.0.1 listener (Linux routes it to loopback) but, unlike 127.0.0.1, is not taken for
+        # "localhost" by soci-snapshotter, which would then fetch layers over plain HTTP from this TLS registry
+        refs = prepare(reg, work, soci=not args.no_soci, tls_host=f"0.0.0.0:{reg_tls.port}")
         for i in range(args.repeat):
             for way in ways:  # interleaved, so drift on a shared machine hits every way alike
                 row = one_run(way, work / f"r{i}-{ways.index(way)}", refs, reg_tls.ca_file)

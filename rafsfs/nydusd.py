@@ -1,7 +1,7 @@
 """``rafsfs-nydusd``: a drop-in for nydusd as nydus-snapshotter launches it (``--nydusd /path/to/rafsfs-nydusd``).
 
     rafsfs-nydusd fuse --config C.json --bootstrap B --mountpoint M --apisock S [--log-level L] [--log-file F] ...
-    rafsfs-nydusd singleton --fscache DIR --apisock S ...
+    rafsfs-nydusd singleton ...        (nydusd's shared fscache daemon: refused with a one-line error)
     rafsfs-nydusd --version
 
 nydusd's JSON config (``device.backend``/``device.cache``, ``digest_validate``, ...) names the blob backend and cache
@@ -144,14 +144,11 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
 
 
 def run_singleton(args: argparse.Namespace) -> int:
-    if not args.fscache:
-        raise RafsError("singleton mode needs --fscache DIR (a shared FUSE daemon is not supported)")
-    try:
-        from fscache_backend import run_singleton as fscache_singleton  # type: ignore[attr-defined]
-    except ImportError:
-        raise RafsError("singleton --fscache needs the fscache backend, which this build does not have yet; "
-                        "use nydus-snapshotter's --fs-driver fusedev") from None
-    return int(fscache_singleton(args) or 0)
+    """nydusd's shared fscache daemon (``singleton --fscache DIR``, images added through ``PUT /api/v2/blobs`` and
+    ``POST /api/v1/mount``) is not provided: the fscache backend runs its own daemon behind
+    ``rafsfs mount --mode fscache``."""
+    raise RafsError("singleton mode (nydus-snapshotter's --fs-driver fscache) is not supported by rafsfs-nydusd; "
+                    "use --fs-driver fusedev, or 'rafsfs mount --mode fscache' for the kernel's fscache path")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,7 @@ class Registry:
         if tls:
             key, self.ca_file = self.workdir / "key.pem", self.workdir / "cert.pem"
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,IP:0.0.0.0",
                             "-keyout", str(key), "-out", str(self.ca_file)], check=True, capture_output=True)
             tls_cfg = f"  tls:\n    certificate: {self.ca_file}\n    key: {key}\n"
         cfg = self.workdir / "registry.yml"

@@ -165,7 +165,7 @@ class ApiServer:
         os.chmod(self.path, 0o600)
         server.api = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="rafsfs-api", daemon=True)
         self._thread.start()
         log.info("API on %s", self.path)
