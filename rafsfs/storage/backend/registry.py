@@ -116,7 +116,6 @@ class RegistryBackend(BlobBackend):
             self.session.verify = cfg.ca_file
         self.origin = Endpoint(f"{cfg.scheme}://{cfg.host}", is_origin=True)
         self._lock = threading.Lock()
-        self._auth_header: dict[str, str | None] = {}  # endpoint base url -> Authorization value
         self._tokens: dict[tuple[str, str], _Token] = {}  # (realm, scope) -> token
         self._challenge: dict[str, dict] = {}  # endpoint base url -> last challenge params
         self._token_lock = threading.Lock()  # one token request at a time: no stampede when a token expires
@@ -199,7 +198,10 @@ class RegistryBackend(BlobBackend):
                 r = self.session.request(method, url, headers=h, allow_redirects=True, stream=True,
                                          timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
                 if r.status_code in (200, 206):
-                    return r, self._body(r, deadline) if method != "HEAD" else b""
+                    if method == "HEAD":
+                        r.close()
+                        return r, b""
+                    return r, self._body(r, deadline)
                 r.close()
             except requests.exceptions.SSLError as e:
                 m = _SSL_REASON.search(str(e))
