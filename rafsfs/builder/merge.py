@@ -18,13 +18,11 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
 
-from ..compression import COMPRESSOR_BY_NAME, DIGESTER_BY_NAME
 from ..errors import BuildError
-from . import _read_full
 from .blob_writer import BlobWriter
-from .bootstrap_writer import BlobPart, write_bootstrap
+from .bootstrap_writer import BlobPart
+from .pipeline import FileChunker, check_codecs, write_bootstrap_checked
 from .tree import Node, new_dir, scan_tar
 
 log = logging.getLogger(__name__)
@@ -132,15 +130,8 @@ def build_layers(layers: list[str], bootstrap: str, blob_dir: str, *, compressor
                  progress: Callable[[int, int, int], None] | None = None) -> MergedBuildResult:
     """Build one merged bootstrap over ``layers`` (tar paths, bottom layer first) and one blob per layer with
     data.  ``progress(layer index, bytes done in this layer, layer file size)`` is called as data is read."""
-    comp = COMPRESSOR_BY_NAME.get(compressor)
-    if comp is None or compressor == "gzip":
-        raise BuildError(f"unknown compressor {compressor!r} (zstd, lz4 or none)")
-    dig = DIGESTER_BY_NAME.get(digester)
-    if dig is None:
-        raise BuildError(f"unknown digester {digester!r} (blake3 or sha256)")
     cs = chunk_size
-    if cs < 4096 or cs > 16 << 20 or cs & (cs - 1):
-        raise BuildError(f"chunk size {cs} must be a power of two between 4 KiB and 16 MiB")
+    comp, dig = check_codecs(compressor, digester, cs)
     if not layers:
         raise BuildError("no layers to build")
     if len(layers) > MAX_LAYERS:
@@ -154,29 +145,20 @@ def build_layers(layers: list[str], bootstrap: str, blob_dir: str, *, compressor
             raise BuildError(f"layer {path} is not a file")
         total = os.path.getsize(path)
         writer = BlobWriter(blob_dir, comp, dig, cs)
-        stats = {"files": 0, "bytes": 0}
         with_data: list[Node] = []
 
-        def sink(node: Node, f: BinaryIO, writer: BlobWriter = writer, stats: dict = stats,
-                 with_data: list = with_data, li: int = li, total: int = total) -> None:
-            stats["files"] += 1
-            read = 0
-            while True:
-                data = _read_full(f, cs)
-                if not data:
-                    break
-                read += len(data)
-                writer.add_chunk(data, node.chunks)
-            if read != node.size:
-                raise BuildError(f"layer {li}: file size mismatch: expected {node.size} bytes, read {read}")
-            stats["bytes"] += read
-            if read:
+        chunker = FileChunker(writer, cs, what=f"layer {li}: file")
+
+        def on_file(node: Node, n: int, chunker: FileChunker = chunker, with_data: list = with_data, li: int = li,
+                    total: int = total) -> None:
+            if n:
                 with_data.append(node)
             if progress:
-                progress(li, stats["bytes"], total)
+                progress(li, chunker.bytes, total)
 
+        chunker.on_file = on_file
         try:
-            tree = scan_tar(path, sink, lower=lambda key: lookup(merged, key))
+            tree = scan_tar(path, chunker, lower=lambda key: lookup(merged, key))
             blob_id, blob_path, entry = writer.finish()
         except BaseException:
             writer.abort()
@@ -191,17 +173,11 @@ def build_layers(layers: list[str], bootstrap: str, blob_dir: str, *, compressor
                 node.blob_index = entry.blob_index
             parts.append(BlobPart(entry, writer.chunks))
         result.layers.append(LayerResult(source=path, blob_id=blob_id, blob_path=blob_path,
-                                         blob_size=entry.compressed_size if entry else 0, files=stats["files"],
-                                         data_bytes=stats["bytes"], chunks=len(writer.chunks)))
-        log.info("layer %d/%d: %d files, %d bytes, blob %s", li + 1, len(layers), stats["files"], stats["bytes"],
+                                         blob_size=entry.compressed_size if entry else 0, files=chunker.files,
+                                         data_bytes=chunker.bytes, chunks=len(writer.chunks)))
+        log.info("layer %d/%d: %d files, %d bytes, blob %s", li + 1, len(layers), chunker.files, chunker.bytes,
                  blob_id or "(none)")
     merged.implicit = False
-    try:
-        result.inodes = write_bootstrap(bootstrap, merged, chunk_size=cs, compressor=comp, digester=dig,
-                                        blobs=parts, prefetch=[])
-    except OSError as e:
-        raise BuildError(f"cannot write bootstrap {bootstrap}: {e.strerror}") from None
-    except ValueError as e:
-        raise BuildError(str(e)) from None
+    result.inodes = write_bootstrap_checked(bootstrap, merged, chunk_size=cs, compressor=comp, digester=dig,
+                                            blobs=parts, prefetch=[])
     return result
-
