@@ -134,13 +134,49 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
                 hooks.metrics = source.metrics.snapshot
                 hooks.backend_type = cfg.backend.type
                 hooks.work_dir = cfg.cache.work_dir if cfg.cache.type != "none" else ""
+            prefetcher = _start_prefetch(args, image, source, cfg)
             log.info("mounting %s on %s (fuse)", args.bootstrap, mountpoint)
-            run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
+            try:
+                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
+            finally:
+                if prefetcher is not None:
+                    prefetcher.stop()
         finally:
             if source is not None:
                 source.close()
     finally:
         image.close()
+
+
+def _prefetch_paths(value: str | None) -> list[str]:
+    """nydusd's ``--prefetch-files``: a file listing paths (one per line), or the paths themselves, separated by
+    commas or whitespace."""
+    if not value:
+        return []
+    if os.path.isfile(value):
+        with open(value, "rb") as f:
+            words = [os.fsdecode(w.strip()) for w in f.read().splitlines()]
+    else:
+        words = value.replace(",", " ").split()
+    paths = [w for w in words if w and not w.startswith("#")]
+    for p in paths:
+        if not p.startswith("/"):
+            raise RafsError(f"--prefetch-files: {p!r} is not an absolute path in the image")
+    return paths
+
+
+def _start_prefetch(args: argparse.Namespace, image, source, cfg):
+    """Background prefetch as nydusd does it: ``fs_prefetch.enable`` reads the image's prefetch table,
+    ``fs_prefetch.prefetch_all`` then every blob; ``--prefetch-files`` adds paths.  Always behind on-demand reads."""
+    from .storage.cache.prefetch import PrefetchPlan, start_prefetch
+
+    paths = _prefetch_paths(args.prefetch_files)
+    pf = cfg.prefetch if cfg is not None else None
+    if source is None or not (paths or (pf is not None and pf.enable)):
+        return None
+    plan = PrefetchPlan(use_table=bool(pf and pf.enable), paths=paths,
+                        whole_blobs=bool(pf and pf.enable and pf.prefetch_all))
+    return start_prefetch(image, source, plan, threads=max(1, min(pf.threads if pf else 2, 4)))
 
 
 def run_singleton(args: argparse.Namespace) -> int:

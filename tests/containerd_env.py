@@ -230,7 +230,8 @@ class Containerd:
 
     NS = "rafsfs"
 
-    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, ca_file: Path | None = None):
+    def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, ca_file: Path | None = None,
+                 prefetch_all: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.address = str(self.root / "c.sock")
@@ -275,7 +276,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                                               "retry_limit": 2}},
                        "cache": {"type": "blobcache", "config": {"work_dir": str(self.root / "nydus" / "cache")}}},
             "mode": "direct", "digest_validate": True, "enable_xattr": True,
-            "fs_prefetch": {"enable": False}}))
+            # prefetch_all: what the snapshotter's shipped nydusd config does (the whole blob in the background,
+            # behind on-demand reads); off by default here so tests can see what on-demand reading alone fetched
+            "fs_prefetch": {"enable": prefetch_all, "prefetch_all": prefetch_all, "threads_count": 2}}))
         try:
             self._start("nydus-snapshotter",
                         ["containerd-nydus-grpc", "--root", str(self.root / "nydus"), "--address", str(nydus_sock),

@@ -340,3 +340,40 @@ def test_state_query_during_init_is_answered_when_the_mount_is_ready(tmp_path):
         assert answers and answers[0][0] == "RUNNING" and 0.5 <= answers[0][1] < 5
     finally:
         server.close()
+
+
+@needs_fuse
+@pytest.mark.parametrize("how", ["fs_prefetch", "prefetch-files"])
+def test_nydusd_prefetch(image, tmp_path, how):
+    """nydusd's prefetch knobs: fs_prefetch.prefetch_all fetches every chunk in the background; --prefetch-files
+    (a file listing paths, as the snapshotter's prefetch plugin gives it) fetches those files; nothing is read."""
+    d, src = image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = _config(d, tmp_path)
+    extra: list = []
+    if how == "fs_prefetch":
+        c = json.loads(cfg.read_text())
+        c["fs_prefetch"] = {"enable": True, "prefetch_all": True, "threads_count": 2}
+        cfg.write_text(json.dumps(c))
+    else:
+        (tmp_path / "list").write_text("/b.bin\n")
+        extra = ["--prefetch-files", tmp_path / "list"]
+    sock = tmp_path / "api.sock"
+    p = subprocess.Popen(_nydusd("fuse", "--config", cfg, "--bootstrap", d / "img.boot", "--mountpoint", mnt,
+                                 "--apisock", sock, *extra), env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: sock.exists() or p.poll() is not None, what="the API socket")
+        c = ApiClient(str(sock))
+        want = 8 if how == "fs_prefetch" else 4  # 300,000 + 200,000 + 5,000 bytes in 64K chunks / b.bin alone
+        _wait(lambda: c.cache_metrics().get("prefetched_chunks", 0) >= want, what="prefetch")
+        m = c.cache_metrics()
+        assert m["bytes_served"] == 0 and m["misses"] == 0  # nobody read anything: it was all prefetch
+        assert (mnt / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
+        after = c.cache_metrics()
+        assert after["misses"] == 0 and after["hits"] >= 4  # every chunk of b.bin came from the cache
+    finally:
+        p.terminate()
+        p.wait(30)
+        if _is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)])
