@@ -267,7 +267,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 [proxy_plugins]
 {plugins}
 """)
-        self.nydusd = nydusd or shutil.which("rafsfs-nydusd") or "rafsfs-nydusd"
+        # the console script next to this interpreter (a pyenv shim on PATH would add its own start-up time)
+        self.nydusd = (nydusd or shutil.which("rafsfs-nydusd", path=os.path.dirname(sys.executable))
+                       or shutil.which("rafsfs-nydusd") or "rafsfs-nydusd")
         # nydusd's config template; the snapshotter fills in the registry host, repo and work dir
         self.nydusd_config = self.root / "nydusd-config.json"
         self.nydusd_config.write_text(json.dumps({
