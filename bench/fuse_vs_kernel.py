@@ -13,7 +13,8 @@ whole tree      every regular file read whole (tar-like: open, read, close), col
 random 4 KiB    4 KiB preads at seeded random aligned offsets of the >= 1 MiB files, ``POSIX_FADV_RANDOM`` on every fd
                 (no read-ahead), caches dropped after the files are opened: 1 thread and 16 threads, IOPS
 
-Warm numbers are the better of two runs (on a shared machine another process may drop the caches in between).
+Warm numbers are the better of two runs (on a shared machine another process may drop the caches in between);
+``--repeat N`` rounds (kernel, then FUSE, taking turns so both see the same background load), medians reported.
 Cold means ``sync; echo 3 > /proc/sys/vm/drop_caches`` (page cache, dentries, inodes) and, for FUSE, a new daemon
 (its in-memory inode and directory caches empty).  Mount and daemon start-up are outside the timings.  Checks: the
 walks list the same number of entries, the sequential and whole-tree reads return the same byte counts, and the random
@@ -28,6 +29,7 @@ import os
 import pstats
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             sysmount.umount(str(m), lazy=True)
     kernel = KernelMount(boot, blob, kmnt)
     fuse = FuseDaemon(boot, blobs, fmnt)
-    res: dict[str, dict[str, float]] = {"kernel": {}, "fuse": {}}
+    res: dict[str, dict[str, list[float]]] = {"kernel": {}, "fuse": {}}
     checks: dict[str, list] = {"walk": [], "seq": [], "tree": [], "random": []}
     extra: dict[str, float] = {}
 
@@ -241,32 +243,47 @@ def run(args: argparse.Namespace) -> int:
         drop_caches()
         return m
 
+    def one_round(which: str, mnt: Path) -> None:
+        r = res[which]
+
+        def put(key: str, v: float) -> None:
+            r.setdefault(key, []).append(v)
+
+        log(f"{which}: metadata walk, cold then warm")
+        m = cold(which)
+        t, n = walk(mnt)
+        put("walk_cold", t)
+        (t, n2), _ = sorted([walk(mnt), walk(mnt)])  # warm: the better of two
+        put("walk_warm", t)
+        checks["walk"].append((n, n2))
+        log(f"{which}: sequential read of the big files, cold then warm")
+        m = cold(which)
+        t, nb = read_files(mnt, files.big)
+        put("seq_cold_s", t)
+        (t, nb2), _ = sorted([read_files(mnt, files.big), read_files(mnt, files.big)])
+        put("seq_warm_s", t)
+        checks["seq"].append((nb, nb2))
+        log(f"{which}: whole tree, cold")
+        m = cold(which)
+        t, nt = read_files(mnt, files.all)
+        put("tree_cold_s", t)
+        checks["tree"].append(nt)
+        if which == "fuse":
+            extra["fuse_rss_mb_after_tree"] = m.rss_kb() / 1024
+            extra["fuse_cpu_s_after_tree"] = m.cpu_s()
+        for th in (1, 16):
+            log(f"{which}: {len(plan)} random 4 KiB reads, {th} thread(s), cold")
+            m = cold(which)
+            t, data = random_reads(mnt, files.big, plan, th)
+            put(f"rand{th}_s", t)
+            checks["random"].append(data)
+        m.stop()
+
     try:
-        for which, mnt in (("kernel", kmnt), ("fuse", fmnt)):
-            r = res[which]
-            log(f"{which}: metadata walk, cold then warm")
-            m = cold(which)
-            r["walk_cold"], n = walk(mnt)
-            (r["walk_warm"], n2), _ = sorted([walk(mnt), walk(mnt)])  # warm: the better of two
-            checks["walk"].append((n, n2))
-            log(f"{which}: sequential read of the big files, cold then warm")
-            m = cold(which)
-            r["seq_cold_s"], nb = read_files(mnt, files.big)
-            (r["seq_warm_s"], nb2), _ = sorted([read_files(mnt, files.big), read_files(mnt, files.big)])
-            checks["seq"].append((nb, nb2))
-            log(f"{which}: whole tree, cold")
-            m = cold(which)
-            r["tree_cold_s"], nt = read_files(mnt, files.all)
-            checks["tree"].append(nt)
-            if which == "fuse":
-                extra["fuse_rss_mb_after_tree"] = m.rss_kb() / 1024
-                extra["fuse_cpu_s_after_tree"] = m.cpu_s()
-            for th in (1, 16):
-                log(f"{which}: {len(plan)} random 4 KiB reads, {th} thread(s), cold")
-                m = cold(which)
-                r[f"rand{th}_s"], data = random_reads(mnt, files.big, plan, th)
-                checks["random"].append(data)
-            m.stop()
+        for rep in range(args.repeat):  # kernel and FUSE take turns, so both see the same background load
+            log(f"round {rep + 1} of {args.repeat}")
+            one_round("kernel", kmnt)
+            one_round("fuse", fmnt)
         if args.profile:
             profile_fuse(boot, blobs, work, files)
     finally:
@@ -280,13 +297,14 @@ def run(args: argparse.Namespace) -> int:
         "tree": len(set(checks["tree"])) == 1 and checks["tree"][0] == files.all_bytes,
         "random": all(d == checks["random"][0] for d in checks["random"]),
     }
-    k, f = res["kernel"], res["fuse"]
+    k = {key: statistics.median(v) for key, v in res["kernel"].items()}
+    f = {key: statistics.median(v) for key, v in res["fuse"].items()}
     nwalk = checks["walk"][0][0]
     table = Table(
         f"FUSE vs kernel EROFS, same uncompressed rafsfs image: {info.label}\n"
         f"  {info.entries} entries, {len(files.all)} regular files, {fmt_bytes(files.all_bytes)}; "
         f"{len(files.big)} files >= 1 MiB ({fmt_bytes(files.big_bytes)}); {machine_info().get('cpus')} CPUs, "
-        f"kernel {os.uname().release}",
+        f"kernel {os.uname().release}; median of {args.repeat} round(s)",
         [("test", "test", None), ("unit", "unit", None), ("kernel", "kernel", "{:.1f}"), ("fuse", "FUSE", "{:.1f}"),
          ("ratio", "FUSE/kernel", "{:.2f}x"), ("goal", "goal", None), ("met", "met", None), ("check", "check", None)])
 
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--work", type=Path, help="scratch directory for the image and mountpoints (default OUT/...-work)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (kernel, then FUSE); medians reported (default 3)")
     ap.add_argument("--random-reads", type=int, default=4000, help="random 4 KiB reads per run (default 4000)")
     ap.add_argument("--profile", action="store_true", help="also profile the FUSE daemon (cProfile) and print it")
     args = ap.parse_args(argv)

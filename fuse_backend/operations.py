@@ -4,7 +4,9 @@ Inode numbers are stable: the root is FUSE's ROOT_INODE (1) and every other inod
 hardlinks share one inode number.  The image is immutable, so the kernel may keep entries, attributes and file
 data cached for a long time.  Metadata comes from the bootstrap in memory and is answered on the event loop;
 file data may need the network, so reads run in worker threads (bounded) and one slow blob never stalls
-other files.  Errors map to errno in :func:`errno_of`, the one place that does it.
+other files.  The exception: when the composer says the data is local (``inline_max``), reads of small files are
+answered on the event loop too, since a thread hop costs more than a small local read (3x the whole-tree read
+time, measured).  Errors map to errno in :func:`errno_of`, the one place that does it.
 """
 from __future__ import annotations
 
@@ -58,11 +60,12 @@ class RafsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, image: RafsImage, source: ChunkSource | None, *, read_threads: int = READ_THREADS,
-                 uid: int | None = None, gid: int | None = None):
+                 inline_max: int = 0, uid: int | None = None, gid: int | None = None):
         super().__init__()
         self.image = image
         self.source = source
         self.limiter = trio.CapacityLimiter(read_threads)
+        self.inline_max = inline_max  # files up to this size are read on the event loop (0: never)
         self.root_nid = image.root_nid
         self._uid, self._gid = uid, gid  # override owners (Nydus without EXPLICIT_UID_GID)
         # immutable image: replies are built once per inode / directory and reused (bounded, least recently used out)
@@ -177,6 +180,8 @@ class RafsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors("read"):
             node = self.image.inode(self._nid(fh))
+            if node.size <= self.inline_max:
+                return self.image.read(node, off, size, self.source)
             return await trio.to_thread.run_sync(self.image.read, node, off, size, self.source,
                                                  limiter=self.limiter)
 
