@@ -88,14 +88,16 @@ def _read_all_files(root: Path) -> dict[str, str]:
 
 
 def _timed_read(path: Path, offset: int, size: int, limit: float) -> tuple[bytes | int, float]:
-    """Read in a thread: (bytes or errno, seconds).  A read still blocked after ``limit`` seconds fails the test
-    (the thread is left to finish once the registry is back)."""
+    """Read exactly [offset, offset+size) in a thread (``POSIX_FADV_RANDOM``: no kernel readahead beyond it):
+    (bytes or errno, seconds).  A read still blocked after ``limit`` seconds fails the test (the thread is left to
+    finish once the registry is back)."""
     result: list = []
 
     def run() -> None:
         t0 = time.monotonic()
         try:
             fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             try:
                 data = b""
                 while len(data) < size:
@@ -262,7 +264,9 @@ def test_sixteen_readers_of_one_chunk_one_registry_request(data_image, tmp_path)
 # ---------------------------------------------------------------------------------------------- failures
 @needs_fuse
 def test_registry_stopped_mid_read_succeeds_in_time_or_eio_after_deadline(data_image, tmp_path):
-    """Through a FUSE mount, so EIO is the real errno: timeout 1.5 s, connect 1 s, 1 retry -> a 5 s deadline."""
+    """Through a FUSE mount, so EIO is the real errno: timeout 1.5 s, connect 1 s, 1 retry -> a 5 s deadline.
+    Each step reads one chunk that no earlier step is next to, so the cache's sequential readahead never fetched it
+    before the registry stops."""
     boot, blob, files = data_image
     big = files["/big"]
     deadline = (1.0 + 1.5) * 2
@@ -276,32 +280,32 @@ def test_registry_stopped_mid_read_succeeds_in_time_or_eio_after_deadline(data_i
         m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
         f = m.mnt / "big"
         try:
-            data, _ = _timed_read(f, 0, 2 * MiB, limit)
-            assert data == big[:2 * MiB]
+            data, _ = _timed_read(f, 0, MiB, limit)
+            assert data == big[:MiB]
 
             # paused for less than the request timeout: the read waits, then succeeds
             reg.pause()
             threading.Timer(1.0, reg.resume).start()
-            data, took = _timed_read(f, 6 * MiB, 2 * MiB, limit)
-            assert data == big[6 * MiB:8 * MiB]
+            data, took = _timed_read(f, 6 * MiB, MiB, limit)
+            assert data == big[6 * MiB:7 * MiB]
             assert took >= 0.8, took
 
             # paused for longer than the deadline: EIO after the deadline, not a hang
             reg.pause()
-            got, took = _timed_read(f, 12 * MiB, 2 * MiB, limit)
+            got, took = _timed_read(f, 12 * MiB, MiB, limit)
             assert got == errno.EIO, got
             assert 1.0 <= took < limit, took
             reg.resume()
-            data, _ = _timed_read(f, 12 * MiB, 2 * MiB, limit)  # nothing bad was cached; the mount lives on
-            assert data == big[12 * MiB:14 * MiB]
+            data, _ = _timed_read(f, 12 * MiB, MiB, limit)  # nothing bad was cached; the mount lives on
+            assert data == big[12 * MiB:13 * MiB]
 
             # killed: connections refused, EIO quickly; started again on the same port: reads work
             reg.kill()
-            got, took = _timed_read(f, 18 * MiB, 2 * MiB, limit)
+            got, took = _timed_read(f, 18 * MiB, MiB, limit)
             assert got == errno.EIO and took < limit, (got, took)
             reg.start()
-            data, _ = _timed_read(f, 18 * MiB, 2 * MiB, limit)
-            assert data == big[18 * MiB:20 * MiB]
+            data, _ = _timed_read(f, 18 * MiB, MiB, limit)
+            assert data == big[18 * MiB:19 * MiB]
         finally:
             reg.resume()
             m.stop()
