@@ -8,6 +8,7 @@ The API, all of it::
         reg.blob_gets()                                          # GET .../blobs/... requests the registry answered
         reg.stop() / reg.kill() / reg.start() / reg.restart()    # same port and storage across restarts
         reg.pause() / reg.resume()                               # SIGSTOP / SIGCONT: a registry that hangs
+        reg.admin_session(repo)                                  # requests.Session with pull+push on repo
         reg.blob_path(digest)                                    # the stored blob file (to corrupt it)
         reg.token_server.hits                                    # token requests (auth="token")
         with reg.counting_proxy() as px:                         # a plain-HTTP proxy in front of it that
@@ -454,7 +455,8 @@ class Registry:
         return self.storage / "docker/registry/v2/blobs/sha256" / digest[:2] / digest / "data"
 
     # ---------------------------------------------------------------- pushing
-    def _admin_session(self, repo: str) -> requests.Session:
+    def admin_session(self, repo: str) -> requests.Session:
+        """A requests session allowed to pull and push ``repo`` (for manifests and other API calls of a test)."""
         s = requests.Session()
         s.trust_env = False  # else REQUESTS_CA_BUNDLE would override verify
         s.verify = self.ca_file or True
@@ -467,12 +469,14 @@ class Registry:
             s.headers["Authorization"] = f"Bearer {tok}"
         return s
 
+    _admin_session = admin_session  # the name test_oci.py first used
+
     def push_blob(self, repo: str, data: bytes | str | os.PathLike) -> str:
         """Upload a blob (monolithic: POST an upload, PUT its bytes with ``?digest=``); returns its hex sha256."""
         if not isinstance(data, bytes):
             data = Path(data).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        with self._admin_session(repo) as s:
+        with self.admin_session(repo) as s:
             r = s.post(f"{self.url}/v2/{repo}/blobs/uploads/", timeout=30)
             if r.status_code != 202:
                 raise RuntimeError(f"upload start: HTTP {r.status_code} {r.text[:200]}")
