@@ -209,13 +209,14 @@ def test_bearer_token_expiring_unannounced(tricky_image, tricky_src, tmp_path):
         source = source_from_config(from_dict(reg.nydusd_config(REPO, tmp_path / "cache", cache="none")))
         try:
             img.read(img.resolve("/sizes/size-4097"), 0, 4097, source)
-            assert ts.ok_hits == 1
+            first = ts.ok_hits
+            assert first >= 1
             time.sleep(2.5)
             diffs = diff_snapshots(snapshot_tree(tricky_src), snapshot_image(img, source), check_symlink_mtime=True)
             assert not diffs, format_diffs(diffs, "image read through the registry differs from the source")
         finally:
             source.close()
-        assert ts.ok_hits >= 2, ts.hits
+        assert ts.ok_hits >= first + 1, ts.hits
         rejected = [r for r in reg.requests() if r["status"] == 401 and digest in (r["uri"] or "")
                     and "invalid token" in r["msg"]]
         assert rejected, "the registry never rejected the expired token"
