@@ -26,7 +26,6 @@ deliver the same data.  Goal (issue 3): cold rafsfs >= 0.5x the lower of the cur
 from __future__ import annotations
 
 import argparse
-import cProfile
 import hashlib
 import io
 import os
