@@ -84,6 +84,16 @@ def run_to_output(ce: Containerd, argv: list[str], expect: str = "42") -> tuple[
     return first, total
 
 
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds a process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(way: str, root: Path, refs: dict[str, str], ca_file: Path | None) -> dict:
     ce = Containerd(root, soci=way.startswith("SOCI"), ca_file=ca_file, prefetch_all=way.endswith("prefetch_all"))
     try:
@@ -109,6 +119,7 @@ def one_run(way: str, root: Path, refs: dict[str, str], ca_file: Path | None) ->
             if socks:
                 s = read_stats(str(socks[0]))
                 row.update(fetched_bytes=s["bytes_fetched"], backend_requests=s["backend_requests"])
+            row["daemon_cpu_s"] = sum(_cpu_seconds(pid) for pid in ce.nydusd_pids())
         return row
     finally:
         ce.close()
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ways = [w for w in WAYS if not (args.no_soci and w.startswith("SOCI"))
             and not (args.no_prefetch and w.endswith("prefetch_all"))]
     args.out.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]
     work = short_tmpdir("rfbench.")
     reg = Registry(work / "reg")
     # the same images over HTTPS for SOCI (see containerd_env.Containerd): a second registry on the same storage
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(median of {args.repeat}, fresh snapshotter root and cold image data each run)",
                   columns=[("way", "way", None), ("pull_s", "pull s", "{:.2f}"),
                            ("first_output_s", "run to output s", "{:.2f}"), ("total_s", "total s", "{:.2f}"),
-                           ("vs_full", "vs full pull", "{:.2f}x"), ("fetched", "fetched", None)])
+                           ("vs_full", "vs full pull", "{:.2f}x"), ("fetched", "fetched", None),
+                           ("daemon_cpu_s", "daemon CPU s", "{:.2f}")])
     med = {}
     for way in ways:
         rows = runs[way]
@@ -182,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     for way in ways:
         m = med[way]
         fetched = [r.get("fetched_bytes") for r in runs[way] if r.get("fetched_bytes") is not None]
-        table.add(way=way, **m, vs_full=m["total_s"] / full,
+        cpu = [r["daemon_cpu_s"] for r in runs[way] if "daemon_cpu_s" in r]
+        table.add(way=way, **m, vs_full=m["total_s"] / full, daemon_cpu_s=statistics.median(cpu) if cpu else None,
                   fetched=f"{statistics.median(fetched) / 2**20:.1f} MiB" if fetched else None,
                   totals=[r["total_s"] for r in runs[way]])
     raf = med[WAYS[1]]["total_s"]
@@ -192,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         soci = med[WAYS[2]]["total_s"]
         table.notes.append(f"goal: rafsfs ahead of SOCI: {raf:.2f}s vs {soci:.2f}s "
                            f"({'met' if raf < soci else 'NOT met'})")
+    table.notes.append(f"load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} on "
+                       f"{os.cpu_count()} CPUs: other work on the machine slows every way, the Python daemon most")
     table.print()
     base = args.out / "container_start"
     table.save_json(f"{base}.json", machine=machine_info(), runs=runs)

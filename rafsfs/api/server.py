@@ -69,7 +69,9 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Go's client expects
     server: _UnixHTTPServer
-    timeout = 60  # an idle keep-alive connection is dropped after this
+    # no idle timeout: nydus-snapshotter keeps one connection open, idle, as a liveness probe, and takes its hang-up
+    # for the daemon's death (then restarts or fails over the daemon)
+    timeout = None
 
     def address_string(self) -> str:  # a unix peer has no address
         return "unix"
