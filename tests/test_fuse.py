@@ -6,7 +6,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
