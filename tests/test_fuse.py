@@ -189,6 +189,30 @@ def test_mount_with_missing_blob_is_one_line(built, tmp_path):
     assert not _is_mounted(tmp_path / "mnt")
 
 
+def test_only_local_data_is_read_on_the_event_loop(tmp_path):
+    """Small reads skip the thread pool only when no read can wait on the network."""
+    from fuse_backend.mount import data_is_local
+    from rafsfs.storage.open import chunk_source_from_args
+
+    (tmp_path / "blobs").mkdir()
+    cfgs = {
+        "localfs": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+        "registry": {"type": "registry", "config": {"host": "127.0.0.1:1", "repo": "a/b", "scheme": "http"}},
+    }
+    for name, backend in cfgs.items():
+        for cache in ({"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}, {"type": "none"}):
+            f = tmp_path / f"{name}-{cache['type']}.json"
+            f.write_text(json.dumps({"device": {"backend": backend, "cache": cache}}))
+            src = chunk_source_from_args(None, None, str(f))
+            try:
+                assert data_is_local(src) == (name == "localfs"), (name, cache["type"])
+            finally:
+                src.close()
+    src = chunk_source_from_args(str(tmp_path / "blobs"), None)
+    assert data_is_local(src) and data_is_local(None)
+    src.close()
+
+
 def test_daemon_mode_and_umount(built, tmp_path):
     d, boots = built
     mnt = tmp_path / "mnt"
