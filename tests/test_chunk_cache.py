@@ -412,7 +412,7 @@ def test_sequential_reads_fetch_ahead_random_reads_do_not(image, tmp_path):
     prev = -10
     for _ in range(40):
         j = rnd.randrange(nchunks)
-        if abs(j - prev) <= 1:
+        if abs(j - prev) <= 3:
             continue
         prev = j
         off = j * cs + rnd.randrange(0, min(cs, ino.size - j * cs) - 4096)

@@ -83,9 +83,11 @@ class ChunkFetcher:
         self.metrics.fetched(len(data))
         return data
 
-    def fetch(self, blob: BlobInfo, chunks: list[ChunkRef], sink: ChunkSink) -> RafsError | None:
-        """Fetch ``chunks``; ``sink`` gets every chunk exactly once.  Returns the first error met, if any."""
-        groups = merge_ranges(chunks, self.amplify_io)
+    def fetch(self, blob: BlobInfo, chunks: list[ChunkRef], sink: ChunkSink,
+              merge_limit: int | None = None) -> RafsError | None:
+        """Fetch ``chunks``; ``sink`` gets every chunk exactly once.  Returns the first error met, if any.
+        ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests)."""
+        groups = merge_ranges(chunks, merge_limit or self.amplify_io)
         if len(groups) <= 1 or self._workers == 1:
             errors = [self._fetch_group(blob, g, sink) for g in groups]
         else:

@@ -41,7 +41,16 @@ class CacheOptions:
     sync: bool = False  # fsync data before marking chunks ready
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
-    readahead: int = 4 << 20  # bytes fetched ahead, in the background, when a blob is read sequentially; 0 = off
+    readahead: int = 4 << 20  # first readahead window when a blob is read in order, bytes; 0 = off
+    readahead_max: int = 64 << 20  # the window doubles while the reads stay in order, up to this
+    readahead_request: int = 4 << 20  # largest merged backend request for readahead (compressed bytes)
+
+
+@dataclass
+class _Sequence:
+    last: int  # the last chunk index an on-demand read reached
+    until: int  # readahead has been queued up to (not including) this chunk index
+    window: int  # chunks
 
 
 class ChunkCache:
@@ -63,9 +72,7 @@ class ChunkCache:
         self._demand = 0  # on-demand ensure() calls running now
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
-        # sequential readahead: per blob, the last chunk read on demand and how far readahead has been queued
-        self._last_ci: dict[str, int] = {}
-        self._ahead_until: dict[str, int] = {}
+        self._seq: dict[str, _Sequence] = {}  # per blob: where on-demand reads are and how far readahead went
         self._ahead_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ ChunkSource
@@ -81,9 +88,9 @@ class ChunkCache:
                 raise err
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
-        self.ensure(blob, chunks)
         if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)
+            self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
+        self.ensure(blob, chunks)
         out_list = []
         for c in chunks:
             data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
@@ -115,7 +122,8 @@ class ChunkCache:
         with self._idle:
             return self._idle.wait_for(lambda: self._demand == 0, timeout)
 
-    def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False) -> list[ChunkRef]:
+    def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
+               merge_limit: int | None = None) -> list[ChunkRef]:
         """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
         thread right now are waited for instead of fetched again."""
         bc = self._blob(blob)
@@ -148,7 +156,7 @@ class ChunkCache:
         try:
             error: BaseException | None = None
             if mine:
-                error = self._fetch(blob, bc, mine)
+                error = self._fetch(blob, bc, mine, merge_limit)
             for f in waits:
                 exc = f.exception()
                 if exc is not None and error is None:
@@ -163,7 +171,8 @@ class ChunkCache:
             raise error
         return chunks
 
-    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> RafsError | None:
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef],
+               merge_limit: int | None = None) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way."""
         failed: list[RafsError] = []
 
@@ -178,7 +187,7 @@ class ChunkCache:
                 failed.append(err)
             self._settle(bc, c, err)
 
-        error = self.fetcher.fetch(blob, chunks, store_chunk)
+        error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit)
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in chunks)
@@ -190,24 +199,36 @@ class ChunkCache:
         return error or (failed[0] if failed else None)
 
     def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
-        """When a blob is being read in order (this read starts at or right after the previous one), queue the
-        next ``readahead`` bytes of chunks for a background fetch, so the fetch of chunk N+1 overlaps the delivery
-        of chunk N.  Random reads never trigger it, so they cost one request per chunk at most."""
+        """While a blob is read in order, keep a window of the following chunks being fetched in the background,
+        in large merged requests fetched in parallel, so delivery never waits for one request at a time.  The
+        window starts at ``readahead`` bytes and doubles while the reads stay in order (like the kernel's own
+        readahead); a read elsewhere resets it.  Random reads never trigger it: one request per chunk at most."""
         lo = min(c.ci_index for c in chunks)
         hi = max(c.ci_index for c in chunks)
+        cs = max(blob.chunk_size, 1)
+        first = max(1, self.opts.readahead // cs)
         with self._lock:
-            last = self._last_ci.get(bc.name)
-            self._last_ci[bc.name] = hi
-            # in order: this read moves on to the next chunk (re-reads of one chunk, say by many readers at once,
-            # are not a sequence)
-            if last is None or not (lo == last + 1 or (lo == last and hi > last)):
+            st = self._seq.get(bc.name)
+            if st is None:
+                self._seq[bc.name] = _Sequence(hi, hi + 1, first)
                 return
-            start = max(hi + 1, self._ahead_until.get(bc.name, 0))
-            want = hi + 1 + max(1, self.opts.readahead // max(blob.chunk_size, 1))
-            end = min(want, blob.chunk_count)
-            if start >= end or start - hi - 1 > (want - hi - 1) // 2:  # still more than half a window queued
+            if lo == st.last and hi == st.last:
+                return  # more of the same chunk: no news
+            # in order: the read moves on to the next chunk or so (concurrent kernel readahead reorders a little)
+            in_order = st.last <= lo <= st.last + 2 and hi > st.last
+            st.last = hi
+            if not in_order:
+                st.window, st.until = first, hi + 1
                 return
-            self._ahead_until[bc.name] = end
+            if st.until - hi > st.window // 2:
+                return  # more than half a window still queued ahead of the reader
+            if st.until > hi + 1:
+                st.window = min(st.window * 2, max(first, self.opts.readahead_max // cs))
+            start = max(hi + 1, st.until)
+            end = min(hi + 1 + st.window, blob.chunk_count)
+            if start >= end:
+                return
+            st.until = end
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
@@ -221,7 +242,7 @@ class ChunkCache:
 
     def _background_ensure(self, blob: BlobInfo, refs: list[ChunkRef]) -> None:
         try:
-            self.ensure(blob, refs, background=True)
+            self.ensure(blob, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
 
