@@ -29,15 +29,14 @@ from dataclasses import dataclass, field
 import trio
 
 from rafsfs.errors import BadImage, RafsError
-from rafsfs.image import BlobInfo, ChunkRef, RafsImage
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.image import BlobInfo, ChunkRef
 
-from . import control, protocol
+from . import protocol
 from . import mount as fsmount
 from . import state
 from .errors import FscacheError, open_errno
 from .settings import Settings
-from .sources import open_source
+from .served import Served, close_served, open_served
 from .state import MountRecord
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ log = logging.getLogger(__name__)
 WORKERS = 8  # threads fetching / decompressing / writing at once
 READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
 WATCH_INTERVAL = 1.0  # how often the mount table is checked for mounts that went away
-
-
-@dataclass
-class Served:
-    """One mounted image."""
-
-    rec: MountRecord
-    image: RafsImage
-    source: DirectChunkSource | None
-    bootstrap_fd: int
 
 
 @dataclass
@@ -111,7 +100,7 @@ class Daemon:
             self._restore()
         for rec in state.load_all(self.settings.mounts_dir):
             try:
-                self.mounts[rec.fsid] = await trio.to_thread.run_sync(self._open_served, rec)
+                self.mounts[rec.fsid] = await trio.to_thread.run_sync(open_served, rec)
                 self.had_mounts = True
             except RafsError as e:
                 log.error("cannot serve %s (fsid %s) any more: %s", rec.mountpoint, rec.fsid, e)
@@ -129,7 +118,7 @@ class Daemon:
         for o in self.objects.values():
             o.release()
         for s in list(self.mounts.values()) + self.retired:
-            self._close_served(s)
+            close_served(s)
         log.info("fscache daemon exits")
 
     def _restore(self) -> None:
@@ -161,34 +150,6 @@ class Daemon:
             log.info("unmounted %s", s.rec.mountpoint)
 
     # ------------------------------------------------------------------------------------------ mounts
-    def _open_served(self, rec: MountRecord) -> Served:
-        image = RafsImage.open(rec.bootstrap)
-        try:
-            if image.blksz != protocol.PAGE:
-                raise FscacheError(f"{rec.bootstrap}: fscache mode needs 4096-byte blocks (the image has "
-                                   f"{image.blksz})")
-            for b in image.blobs:
-                if not b.blob_id:
-                    raise FscacheError(f"{rec.bootstrap}: device {b.index + 1} has no tag naming its blob; "
-                                       "fscache mode needs one (Nydus images always have it)")
-            source = open_source(rec.blob_dir, rec.devices, rec.config)
-            if image.blobs and source is None:
-                raise FscacheError(f"{rec.bootstrap}: the image's data is in blobs: give --blob-dir or --config")
-            fd = os.open(rec.bootstrap, os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            image.close()
-            raise
-        return Served(rec, image, source, fd)
-
-    @staticmethod
-    def _close_served(s: Served) -> None:
-        if s.bootstrap_fd >= 0:
-            os.close(s.bootstrap_fd)
-            s.bootstrap_fd = -1
-        if s.source is not None:
-            s.source.close()
-        s.image.close()
-
     def _forget(self, fsid: str) -> None:
         s = self.mounts.pop(fsid, None)
         state.remove(self.settings.mounts_dir, fsid)
@@ -204,7 +165,7 @@ class Daemon:
         if fsmount.is_mountpoint(rec.mountpoint):
             raise FscacheError(f"mountpoint {rec.mountpoint} is busy: something is already mounted there")
         rec.fsid = await trio.to_thread.run_sync(self._fsid, rec.bootstrap)
-        served = await trio.to_thread.run_sync(self._open_served, rec)
+        served = await trio.to_thread.run_sync(open_served, rec)
         self.mounts[rec.fsid] = served
         self.mounting.add(rec.fsid)
         state.save(self.settings.mounts_dir, rec)

@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 from . import control
 from .errors import FscacheError
+from .mount import is_mountpoint
+from .served import close_served, open_served
 from .settings import Settings
+from .state import MountRecord
 from .supervisor import run as run_supervisor
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,18 @@ def mount_request(bootstrap: str, mountpoint: str, blob_dir: str | None, devices
             "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None}
 
 
-def _delegate(settings: Settings, req: dict) -> dict | None:
-    """The running daemon's reply, or None when no daemon listens."""
+def preflight(req: dict) -> None:
+    """What can be checked before any daemon starts: the mountpoint, the image, its blob source (one-line errors)."""
+    if not os.path.isdir(req["mountpoint"]):
+        raise FscacheError(f"mountpoint {req['mountpoint']} is not a directory")
+    if is_mountpoint(req["mountpoint"]):
+        raise FscacheError(f"mountpoint {req['mountpoint']} is busy: something is already mounted there")
+    close_served(open_served(MountRecord(fsid="", domain_id="", **req)))
+
+
+def delegate(req: dict, settings: Settings | None = None) -> dict | None:
+    """Have the running daemon make the mount: its reply, or None when no daemon listens."""
+    settings = settings or Settings.from_env()
     try:
         return control.request(settings.control_path, {"op": "mount", **req})
     except (FileNotFoundError, ConnectionRefusedError):
@@ -36,8 +49,9 @@ def mount_foreground(req: dict, settings: Settings | None = None, verbose: bool 
     """Returns once the mount is made by an already running daemon, or after serving it (and any later mounts) as a
     new daemon until they are all unmounted or SIGTERM arrives."""
     settings = settings or Settings.from_env()
-    for attempt in range(50):
-        reply = _delegate(settings, req)
+    preflight(req)
+    for _attempt in range(50):
+        reply = delegate(req, settings)
         if reply is not None:
             log.info("mounted %s on %s (fsid %s) by the running fscache daemon", req["bootstrap"],
                      req["mountpoint"], reply["fsid"])

@@ -231,8 +231,6 @@ def _mount_fscache(args: argparse.Namespace, mountpoint: str) -> int:
     (in the background unless --foreground, like the FUSE daemon)."""
     from fscache_backend import service
 
-    if not os.path.isdir(mountpoint):
-        raise RafsError(f"mountpoint {mountpoint} is not a directory")
     req = service.mount_request(args.source, mountpoint, args.blob_dir, args.device, args.config)
 
     def write_pid(pid: int) -> None:
@@ -242,6 +240,12 @@ def _mount_fscache(args: argparse.Namespace, mountpoint: str) -> int:
 
     if args.foreground:
         return service.mount_foreground(req, verbose=getattr(args, "verbose", False), on_mounted=write_pid)
+    service.preflight(req)
+    if service.delegate(req) is not None:  # a daemon is running: it makes the mount
+        pid = service.daemon_pids()[0]
+        write_pid(pid)
+        _println(f"mounted {args.source} on {mountpoint} (fscache, by the running daemon, pid {pid})")
+        return 0
     log_file = args.log_file or f"/run/rafsfs/{mountpoint.strip('/').replace('/', '_') or 'root'}.log"
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     argv = [sys.executable, "-m", "rafsfs.cli", "mount", os.path.abspath(args.source), mountpoint, "--foreground",

@@ -1,0 +1,168 @@
+"""fscache mode, tested under a real kernel with EROFS over on-demand cachefiles: the shared test VM (a 6.12 kernel
+under qemu, ``../shared/vm/run-in-vm.sh``) is booted ONCE for this module and runs tests/vm/guest_fscache.py inside.
+
+The host side builds the images (zstd, lz4, uncompressed; two images sharing one blob; one big file), snapshots the
+source trees, starts a real ``docker-registry`` on 127.0.0.1 holding the zstd blob (forwarded into the VM with
+``--fwd``), boots the VM and reports every guest test as one test here, with the guest's failure text.
+Nothing here is skipped: a host without qemu or the shared VM fails (CI installs qemu-system-x86 and socat).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_rafsfs_proc
+from registry_env import start_registry
+from treeutil import make_small_tree, make_tricky_tree, snapshot_tree
+
+from rafsfs.image import RafsImage
+
+GUEST_FILE = REPO / "tests" / "vm" / "guest_fscache.py"
+VM_TIMEOUT = 600  # the whole guest session; it normally takes a few minutes under TCG emulation
+
+
+def _guest_tests() -> list[str]:
+    """Names of the guest tests (parametrized ones expanded), read from the guest file without importing it."""
+    names = []
+    tree = ast.parse(GUEST_FILE.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            params = None
+            for d in node.decorator_list:
+                if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "parametrize":
+                    params = [ast.literal_eval(e) for e in d.args[1].elts]
+            names += [f"{node.name}[{p}]" for p in params] if params else [node.name]
+    return names
+
+
+def _build(src: Path, boot: Path, blobs: Path, comp: str, chunk: str = "1M") -> str:
+    run_rafsfs_proc("build", src, "--bootstrap", boot, "--blob-dir", blobs, "--compressor", comp, "--chunk-size",
+                    chunk, check=0)
+    with RafsImage.open(str(boot)) as img:
+        return img.blobs[0].blob_id
+
+
+@pytest.fixture(scope="module")
+def vm_results(tmp_path_factory, shared_dir):
+    run_in_vm = shared_dir / "vm" / "run-in-vm.sh"
+    assert run_in_vm.is_file(), f"{run_in_vm} is missing"
+    work = tmp_path_factory.mktemp("fscache-vm")
+    blobs = work / "blobs"
+    snaps = work / "snapshots"
+    snaps.mkdir()
+
+    def snapshot(name: str, root: Path) -> str:
+        path = snaps / f"{name}.pickle"
+        with open(path, "wb") as f:
+            pickle.dump(snapshot_tree(root), f)
+        return str(path)
+
+    tricky = work / "tricky"
+    make_tricky_tree(tricky)
+    images = {c: str(work / f"tricky-{c}.boot") for c in ("zstd", "lz4", "none")}
+    for c in images:
+        _build(tricky, Path(images[c]), blobs, c)
+
+    # two images sharing one blob: the same file data, and an extra empty directory in the second tree
+    shared_a, shared_b = work / "shared-a", work / "shared-b"
+    for root in (shared_a, shared_b):
+        make_small_tree(root)
+        (root / "dir" / "more.bin").write_bytes(random.Random(5).randbytes(300_000))
+    (shared_b / "only-in-b").mkdir()
+    ida = _build(shared_a, work / "shared-a.boot", blobs, "zstd", "64K")
+    idb = _build(shared_b, work / "shared-b.boot", blobs, "zstd", "64K")
+    assert ida == idb, "the two shared-blob images do not share their blob"
+    with RafsImage.open(str(work / "shared-a.boot")) as img:
+        shared_chunks = img.blobs[0].chunk_count
+
+    small = work / "small"  # served from the registry, in all three compressions
+    make_small_tree(small)
+    (small / "more.bin").write_bytes(random.Random(6).randbytes(200_000))
+    registry_images = {c: str(work / f"small-{c}.boot") for c in ("zstd", "lz4", "none")}
+    registry_blobs = [_build(small, Path(registry_images[c]), blobs, c, "64K") for c in registry_images]
+
+    big = work / "big"
+    big.mkdir()
+    data = random.Random(9).randbytes(12 << 20)
+    (big / "big.bin").write_bytes(data)
+    _build(big, work / "big.boot", blobs, "zstd")
+
+    with start_registry(work / "registry") as reg:
+        for blob_id in registry_blobs:
+            reg.push_blob("rafsfs/fscache", blobs / blob_id)
+        port = reg.port
+        reg_cfg = work / "registry.json"
+        reg_cfg.write_text(json.dumps({"device": {
+            "backend": {"type": "registry", "config": {"host": f"10.0.2.100:{port}", "repo": "rafsfs/fscache",
+                                                        "scheme": "http", "timeout": 60}},
+            "cache": {"type": "none"}}}))
+        params = {
+            "blob_dir": str(blobs), "images": images, "registry_config": str(reg_cfg),
+            "registry_images": registry_images,
+            "snapshots": {"tricky": snapshot("tricky", tricky), "small": snapshot("small", small),
+                          "shared_a": snapshot("shared_a", shared_a),
+                          "shared_b": snapshot("shared_b", shared_b)},
+            "shared": {"a": str(work / "shared-a.boot"), "b": str(work / "shared-b.boot"), "blob_id": ida,
+                       "chunks": shared_chunks},
+            "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest()},
+        }
+        (work / "params.json").write_text(json.dumps(params))
+        junit = work / "junit.xml"
+        env = dict(os.environ, FSCACHE_TEST_PARAMS=str(work / "params.json"), PYTHONDONTWRITEBYTECODE="1")
+        cmd = [str(run_in_vm), "--timeout", str(VM_TIMEOUT), "--rw", str(work), "--fwd", str(port), "--",
+               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
+               f"--junitxml={junit}", str(GUEST_FILE)]
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=VM_TIMEOUT + 120)
+    output = f"--- VM exit status {p.returncode} ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-4000:]}"
+    print(output)  # the guest's summary and durations (shown with -s or -rA)
+    if not junit.exists():
+        pytest.fail(f"the VM produced no test report\n{output}", pytrace=False)
+    results: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        status, text = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                status, text = child.tag, (child.get("message") or "") + "\n" + (child.text or "")
+            elif child.tag == "skipped":
+                status, text = "skipped", child.get("message") or ""
+        results[case.get("name")] = (status, text)
+    return results, output
+
+
+@pytest.mark.parametrize("name", _guest_tests())
+def test_in_vm(vm_results, name):
+    results, output = vm_results
+    if name not in results:
+        pytest.fail(f"guest test {name} did not run\n{output}", pytrace=False)
+    status, text = results[name]
+    if status != "passed":  # skipped counts as a failure: these tests must run in the VM
+        pytest.fail(f"guest test {name} {status}:\n{text[-6000:]}", pytrace=False)
+
+
+def test_forced_fscache_on_a_kernel_without_it_is_one_line(tmp_path):
+    """This host's kernel has no on-demand cachefiles (the VM's has): forcing fscache is one line and exit 1."""
+    from fscache_backend.device import probe
+
+    ok, why = probe()
+    if ok:
+        pytest.skip(f"this kernel supports fscache mode ({why})")
+    boot = tmp_path / "t.boot"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    run_rafsfs_proc("build", src, "--bootstrap", boot, "--blob-dir", tmp_path / "blobs", check=0)
+    (tmp_path / "mnt").mkdir()
+    p = run_rafsfs_proc("mount", boot, tmp_path / "mnt", "--mode", "fscache", "--blob-dir", tmp_path / "blobs")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fscache is not available" in lines[0] and why in lines[0], p.stderr

@@ -1,0 +1,292 @@
+"""fscache mode under a kernel that has it: run INSIDE the test VM by tests/test_fscache.py (not collected on the host:
+the file name does not start with test_).  The host builds the images, snapshots the source trees and starts the
+registry; ``FSCACHE_TEST_PARAMS`` names the JSON file describing them.
+
+Everything goes through the real pieces: ``rafsfs mount --mode fscache|auto`` (daemonized), the kernel's EROFS over
+on-demand cachefiles on the guest's ext4 /tmp, ``rafsfs umount``; the daemon's counters come from its control socket.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, rafsfs_cmd
+from treeutil import diff_snapshots, format_diffs, snapshot_tree
+
+from fscache_backend import control
+from rafsfs import sysmount
+from fscache_backend.settings import Settings
+
+PARAMS = json.loads(Path(os.environ.get("FSCACHE_TEST_PARAMS", "/nonexistent")).read_text()) \
+    if os.environ.get("FSCACHE_TEST_PARAMS") else None
+pytestmark = pytest.mark.skipif(PARAMS is None or not os.environ.get("IN_EROFS_VM"),
+                                reason="runs inside the fscache test VM (tests/test_fscache.py starts it)")
+MNT_ROOT = Path("/tmp/fscache-mnt")
+
+
+def _expected(name: str):
+    with open(PARAMS["snapshots"][name], "rb") as f:
+        return pickle.load(f)
+
+
+def _assert_tree(name: str, mnt: Path) -> None:
+    diffs = diff_snapshots(_expected(name), snapshot_tree(mnt), check_symlink_mtime=True)
+    assert not diffs, format_diffs(diffs, f"fscache mount {mnt} differs from source tree {name}")
+
+
+class Session:
+    """One daemon lifetime: its own cache dir, run dir and mounts; everything unmounted and the daemon gone at the
+    end (also on failure)."""
+
+    def __init__(self, name: str, **extra_env: str):
+        self.name = name
+        self.settings = Settings(cache_dir=f"/tmp/fscache-cache-{name}", run_dir=f"/run/rafsfs/fscache-{name}",
+                                 domain_id="rafsfs")
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), RAFSFS_FSCACHE_DIR=self.settings.cache_dir,
+                        RAFSFS_FSCACHE_RUN=self.settings.run_dir, **extra_env)
+        self.mounts: list[Path] = []
+        self.log = Path(f"/tmp/fscache-{name}.log")
+        self.supervisor_pid: int | None = None
+
+    def rafsfs(self, *args, check: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+        p = subprocess.run(rafsfs_cmd(*args), capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout)
+        if check is not None and p.returncode != check:
+            raise AssertionError(f"rafsfs {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr[-3000:]}\n"
+                                 f"--- daemon log ---\n{self.log_tail()}")
+        return p
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        except OSError:
+            return "(no log)"
+
+    def mount(self, boot: str, tag: str, *args: str, mode: str = "fscache") -> Path:
+        mnt = MNT_ROOT / f"{self.name}-{tag}"
+        mnt.mkdir(parents=True, exist_ok=True)
+        pid_file = Path(f"/tmp/fscache-{self.name}-{tag}.pid")
+        p = self.rafsfs("mount", boot, mnt, "--mode", mode, "--log-file", self.log, "--pid-file", pid_file, *args)
+        assert "fscache" in p.stdout, p.stdout + p.stderr
+        self.mounts.append(mnt)
+        self.supervisor_pid = int(pid_file.read_text())
+        return mnt
+
+    def request(self, op: str) -> dict:
+        return control.request(self.settings.control_path, {"op": op}, timeout=30)
+
+    def stats(self) -> dict:
+        return self.request("stats")["stats"]
+
+    def umount(self, mnt: Path, cli: bool = False) -> None:
+        """``rafsfs umount`` with ``cli``, else umount(2) from here (saves a Python start-up under emulation)."""
+        if cli:
+            self.rafsfs("umount", mnt)
+        else:
+            sysmount.umount(str(mnt))
+        self.mounts.remove(mnt)
+
+    def wait_daemon_gone(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.supervisor_pid is not None and time.monotonic() < deadline:
+            try:
+                os.kill(self.supervisor_pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the fscache daemon (pid {self.supervisor_pid}) did not exit:\n{self.log_tail()}")
+
+    def close(self) -> None:
+        for mnt in list(self.mounts):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        self.mounts.clear()
+        if self.supervisor_pid is not None:
+            try:
+                self.wait_daemon_gone(30)
+            except AssertionError:
+                os.kill(self.supervisor_pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def session(name: str, **env: str):
+    s = Session(name, **env)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _read_all_files(root: Path) -> int:
+    n = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    while data := fh.read(1 << 20):
+                        n += len(data)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ local blobs
+@pytest.fixture(scope="module")
+def local():
+    """One daemon serving six mounts: the tricky tree from local blobs and a small tree from the registry, each as
+    zstd, lz4 and uncompressed images."""
+    with session("local") as s:
+        mnts = {}
+        for comp in ("zstd", "lz4", "none"):
+            # the second mount goes through auto mode: it must pick fscache here, and join the running daemon
+            mnts[comp] = s.mount(PARAMS["images"][comp], comp, "--blob-dir", PARAMS["blob_dir"],
+                                 mode="auto" if comp == "lz4" else "fscache")
+        for comp, boot in PARAMS["registry_images"].items():
+            mnts["reg-" + comp] = s.mount(boot, f"reg-{comp}", "--config", PARAMS["registry_config"])
+        yield s, mnts
+
+
+@pytest.mark.parametrize("comp", ["zstd", "lz4", "none"])
+def test_local_tree_equals_source(local, comp):
+    s, mnts = local
+    _assert_tree("tricky", mnts[comp])
+    st = s.stats()
+    assert st["read_failures"] == 0, st
+
+
+@pytest.mark.parametrize("comp", ["zstd", "lz4", "none"])
+def test_registry_tree_equals_source(local, comp):
+    """Blobs read with HTTP Range requests from a docker-registry on the host's loopback (forwarded into the VM)."""
+    s, mnts = local
+    _assert_tree("small", mnts["reg-" + comp])
+    st = s.stats()
+    assert st["read_failures"] == 0, st
+
+
+def test_one_daemon_serves_all_mounts(local):
+    s, mnts = local
+    status = s.request("status")
+    assert status["supervisor"] == s.supervisor_pid
+    assert sorted(m["mountpoint"] for m in status["mounts"]) == sorted(str(m) for m in mnts.values())
+    st = s.stats()
+    assert all(n == 1 for n in st["blob_opens"].values()) and len(st["blob_opens"]) == 6, st
+
+
+def test_second_read_after_drop_caches_makes_no_requests(local):
+    s, mnts = local
+    _read_all_files(mnts["zstd"])  # everything is in the cache files now
+    before = s.stats()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    _assert_tree("tricky", mnts["zstd"])  # a full read (and walk) again, from the kernel's cache files
+    after = s.stats()
+    assert after["reads"] == before["reads"], (before, after)
+    assert after["chunks_fetched"] == before["chunks_fetched"]
+
+
+def test_umount_stops_the_daemon(local):
+    s, mnts = local
+    for name, mnt in mnts.items():
+        s.umount(mnt, cli=name in ("zstd", "reg-zstd"))
+        assert not os.path.ismount(mnt)
+    s.wait_daemon_gone()
+    assert not os.path.exists(s.settings.control_path)
+
+
+# ------------------------------------------------------------------------------------------------ shared blob
+def test_shared_blob_is_fetched_once():
+    a, b = PARAMS["shared"]["a"], PARAMS["shared"]["b"]
+    with session("shared") as s:
+        ma = s.mount(a, "a", "--blob-dir", PARAMS["blob_dir"])
+        mb = s.mount(b, "b", "--blob-dir", PARAMS["blob_dir"])
+        _assert_tree("shared_a", ma)
+        _assert_tree("shared_b", mb)
+        st = s.stats()
+        blob = PARAMS["shared"]["blob_id"]
+        assert st["blob_opens"] == {blob: 1}, st  # one cache object for both images
+        assert st["blob_chunks_fetched"][blob] == PARAMS["shared"]["chunks"], st  # each chunk once
+        s.umount(ma)
+        _assert_tree("shared_b", mb)  # the blob stays served for the other image
+        s.umount(mb)
+        s.wait_daemon_gone()
+    # the cache files are linked into the cache directory once the daemon is gone: ONE file for the shared blob
+    files = sorted(p.name for p in Path(s.settings.cache_dir, "cache").rglob("*") if p.is_file())
+    assert len(files) == 3, files  # two bootstraps and one blob, all in the domain's volume
+
+
+# ------------------------------------------------------------------------------------------------ crash + restore
+def test_kill9_during_reads_then_restore_then_sigterm():
+    big = PARAMS["big"]
+    with session("crash", RAFSFS_FSCACHE_READ_DELAY="0.3") as s:
+        mnt = s.mount(big["image"], "big", "--blob-dir", PARAMS["blob_dir"])
+        result: dict = {}
+
+        def reader() -> None:
+            h = hashlib.sha256()
+            try:
+                with open(mnt / big["path"], "rb") as f:
+                    while data := f.read(1 << 17):
+                        h.update(data)
+                result["sha256"] = h.hexdigest()
+            except OSError as e:
+                result["error"] = e
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while s.stats()["reads_blob"] < 3:
+            assert time.monotonic() < deadline, "no blob READs arrive"
+            time.sleep(0.1)
+        old = s.request("status")["pid"]
+        os.kill(old, signal.SIGKILL)
+        assert t.is_alive(), "the reader finished before the kill: the test proves nothing"
+        deadline = time.monotonic() + 60
+        while True:  # the supervisor starts a new daemon, which restores the kernel's pending requests
+            try:
+                status = s.request("status")
+                if status["pid"] != old:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no new daemon:\n{s.log_tail()}"
+            time.sleep(0.2)
+        assert status["restored"] and status["supervisor"] == s.supervisor_pid
+        t.join(120)
+        assert not t.is_alive(), f"the reader hangs after the restore:\n{s.log_tail()}"
+        assert "error" not in result, f"{result.get('error')}\n{s.log_tail()}"
+        assert result["sha256"] == big["sha256"]
+        st = s.stats()
+        assert st["restored"] and st["reads_blob"] > 0 and st["read_failures"] == 0, st
+        log = s.log.read_text()
+        assert "restarting it" in log and "sent 'restore'" in log, log[-2000:]
+        os.kill(s.supervisor_pid, signal.SIGTERM)  # graceful shutdown: unmount everything, then exit
+        s.wait_daemon_gone()
+        assert not os.path.ismount(mnt)
+        s.mounts.remove(mnt)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_image_and_missing_blobs_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(os.urandom(8192))
+    with session("errors") as s:
+        (MNT_ROOT / "errors").mkdir(parents=True, exist_ok=True)
+        for args, words in (((bad, MNT_ROOT / "errors", "--blob-dir", PARAMS["blob_dir"]), "bad magic"),
+                            ((PARAMS["images"]["zstd"], MNT_ROOT / "errors"), "blob")):
+            p = s.rafsfs("mount", *args, "--mode", "fscache", "--foreground", check=None)
+            lines = [ln for ln in p.stderr.splitlines() if ln.startswith("rafsfs: error")]
+            assert p.returncode == 1 and len(lines) == 1 and words in lines[0], p.stderr
+            assert "Traceback" not in p.stderr
+            assert not os.path.ismount(MNT_ROOT / "errors")
+        assert not os.path.exists(s.settings.control_path)  # no daemon left behind
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
