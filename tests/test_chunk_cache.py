@@ -14,6 +14,7 @@ from rafsfs.errors import CorruptChunk
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.base import BlobRef
 from rafsfs.storage.backend.localfs import LocalFsBackend
+from rafsfs.storage.cache import chunk_cache
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 
 
@@ -102,7 +103,7 @@ def test_single_flight(image, tmp_path):
     assert len(be.requests) == 1
 
 
-def test_corrupt_chunk_is_an_error_and_not_cached(image, tmp_path):
+def test_corrupt_chunk_is_an_error_and_not_cached(image, tmp_path, monkeypatch):
     boot, blobs, files = image
     bad_blobs = tmp_path / "blobs"
     shutil.copytree(blobs, bad_blobs)
@@ -119,8 +120,14 @@ def test_corrupt_chunk_is_an_error_and_not_cached(image, tmp_path):
         img.read(victim, 0, 100, cache)
     # other files are fine
     assert img.read(img.resolve("/f0"), 0, 1000, cache) == files["/f0"][:1000]
-    # the bad chunk was not marked ready: the repaired blob now serves correct bytes
+    # the kernel asks again right after an EIO: answered from memory, without a second backend request
+    be_reads = cache.metrics.snapshot()["backend_requests"]
+    with pytest.raises(CorruptChunk):
+        img.read(victim, 0, 100, cache)
+    assert cache.metrics.snapshot()["backend_requests"] == be_reads
+    # the bad chunk was not marked ready: once the failure is old, the repaired blob serves correct bytes
     path.write_bytes((blobs / blob.blob_id).read_bytes())
+    monkeypatch.setattr(chunk_cache, "FAILURE_MEMORY", 0.0)
     assert img.read(victim, 0, 100, cache) == files["/f2"][:100]
     assert hashlib.sha256(img.read(victim, 0, victim.size, cache)).digest() == hashlib.sha256(files["/f2"]).digest()
 

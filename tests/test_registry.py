@@ -23,6 +23,7 @@ from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_
 from rafsfs.builder import BuildOptions, build
 from rafsfs.config import from_dict
 from rafsfs.image import RafsImage
+from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
 from rafsfs.storage.open import source_from_config
 
 MiB = 1 << 20
@@ -297,6 +298,7 @@ def test_registry_stopped_mid_read_succeeds_in_time_or_eio_after_deadline(data_i
             assert got == errno.EIO, got
             assert 1.0 <= took < limit, took
             reg.resume()
+            time.sleep(FAILURE_MEMORY)  # a failed chunk is answered EIO from memory for this long (kernel retries)
             data, _ = _timed_read(f, 12 * MiB, MiB, limit)  # nothing bad was cached; the mount lives on
             assert data == big[12 * MiB:13 * MiB]
 
@@ -305,6 +307,7 @@ def test_registry_stopped_mid_read_succeeds_in_time_or_eio_after_deadline(data_i
             got, took = _timed_read(f, 18 * MiB, MiB, limit)
             assert got == errno.EIO and took < limit, (got, took)
             reg.start()
+            time.sleep(FAILURE_MEMORY)
             data, _ = _timed_read(f, 18 * MiB, MiB, limit)
             assert data == big[18 * MiB:19 * MiB]
         finally:
@@ -341,6 +344,7 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             assert all(chunk_map[ci] == 1 for ci in others.values())
             # the registry is repaired: the chunk is fetched again and served right, on the same mount
             stored.write_bytes(good)
+            time.sleep(FAILURE_MEMORY)  # the failure is answered from memory until then
             before = len(px.blob_gets(digest, overlapping=span))
             assert before >= 1
             assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]

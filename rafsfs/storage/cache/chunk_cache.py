@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 
-_EVICT_CHECK_BYTES = 64 << 20  # with a size cap, look at the directory's usage after this many new bytes
+_EVICT_CHECK_BYTES = 64 << 20
+FAILURE_MEMORY = 1.0  # seconds an on-demand fetch failure is answered from memory  # with a size cap, look at the directory's usage after this many new bytes
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ChunkCache:
         self._demand = 0  # on-demand ensure() calls running now
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
+        self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
         self._seq: dict[str, _Sequence] = {}  # per blob: where on-demand reads are and how far readahead went
         self._ahead_pool: ThreadPoolExecutor | None = None
 
@@ -129,6 +132,7 @@ class ChunkCache:
         bc = self._blob(blob)
         mine: list[ChunkRef] = []
         waits: list[Future] = []
+        early_error: BaseException | None = None
         with self._lock:
             for c in chunks:
                 if bc.is_ready(c.ci_index):
@@ -144,6 +148,13 @@ class ChunkCache:
                     continue
                 if any(m.ci_index == c.ci_index for m in mine):
                     continue
+                failed = self._failed.get(key)
+                if failed is not None and not background and time.monotonic() - failed[0] < FAILURE_MEMORY:
+                    # the kernel asks again right after an EIO (readahead, then the page): answer at once
+                    # instead of waiting out the backend's deadline a second time
+                    self.metrics.miss()
+                    early_error = failed[1]
+                    continue
                 fut = Future()
                 self._inflight[key] = fut
                 mine.append(c)
@@ -154,9 +165,9 @@ class ChunkCache:
             if not background:
                 self._demand += 1
         try:
-            error: BaseException | None = None
+            error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit)
+                error = self._fetch(blob, bc, mine, merge_limit, remember_failures=not background) or error
             for f in waits:
                 exc = f.exception()
                 if exc is not None and error is None:
@@ -172,7 +183,7 @@ class ChunkCache:
         return chunks
 
     def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef],
-               merge_limit: int | None = None) -> RafsError | None:
+               merge_limit: int | None = None, remember_failures: bool = False) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way."""
         failed: list[RafsError] = []
 
@@ -185,6 +196,14 @@ class ChunkCache:
                     self.metrics.error()
             if err is not None:
                 failed.append(err)
+                if remember_failures:
+                    with self._lock:
+                        if len(self._failed) > 4096:
+                            self._failed.clear()
+                        self._failed[(bc.name, c.ci_index)] = (time.monotonic(), err)
+            elif self._failed:
+                with self._lock:
+                    self._failed.pop((bc.name, c.ci_index), None)
             self._settle(bc, c, err)
 
         error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit)
