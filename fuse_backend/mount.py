@@ -13,6 +13,7 @@ from rafsfs.image import ChunkSource, RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
 
 from .operations import RafsOperations
+from .recent_chunks import RecentChunks
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, f
     preflight(mountpoint)
     probe_blobs(image, source)
     image.chunk_table()  # parsed once now (~0.2 s for 50k chunks) rather than inside the first read
-    ops = RafsOperations(image, source, inline_max=INLINE_MAX if data_is_local(source) else 0)
+    inline_max = INLINE_MAX if data_is_local(source) else 0
+    ops = RafsOperations(image, RecentChunks(source) if source is not None else None, inline_max=inline_max)
     options = set(pyfuse3.default_options)
     options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}
     if debug:

@@ -213,6 +213,29 @@ def test_only_local_data_is_read_on_the_event_loop(tmp_path):
     src.close()
 
 
+def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
+    """Read-ahead windows that straddle chunk boundaries get the second copy of a chunk from memory; the memory
+    stays within its byte bound and the bytes are the file's."""
+    from fuse_backend.recent_chunks import RecentChunks
+    from rafsfs.storage.open import chunk_source_from_args
+
+    d, boots = built
+    rel = "sizes/size-" + str(3 * (1 << 20) + 12345)
+    want = (tricky_src / rel).read_bytes()
+    with RafsImage.open(str(boots["zstd"])) as image:
+        inner = chunk_source_from_args(str(d / "blobs"), None)
+        memo = RecentChunks(inner, max_bytes=2 << 20)  # two 1 MiB chunks
+        ino = image.resolve(rel)
+        got, off = [], 0
+        for size in (256 << 10, 512 << 10, 1 << 20, 1 << 20, 1 << 20, 1 << 20):  # a cat's read-ahead windows
+            got.append(image.read(ino, off, size, memo))
+            off += size
+        inner.close()
+    assert b"".join(got) == want
+    assert memo.misses == 4 and memo.hits == 4  # each of the 4 chunks fetched once, then reused
+    assert memo._bytes <= 2 << 20
+
+
 def test_daemon_mode_and_umount(built, tmp_path):
     d, boots = built
     mnt = tmp_path / "mnt"
