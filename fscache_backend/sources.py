@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 
-from rafsfs.config import load_config
 from rafsfs.errors import BlobUnavailable
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.direct import DirectChunkSource
-from rafsfs.storage.open import backend_from_config
 
 
 def open_source(blob_dir: str | None, devices: list[str], config: str | None) -> DirectChunkSource | None:
@@ -17,6 +15,9 @@ def open_source(blob_dir: str | None, devices: list[str], config: str | None) ->
     if blob_dir is not None and not os.path.isdir(blob_dir):
         raise BlobUnavailable(f"blob directory {blob_dir} does not exist or is not a directory")
     if config is not None:
+        from rafsfs.config import load_config  # (imports the HTTP stack: only when a config is given)
+        from rafsfs.storage.open import backend_from_config
+
         cfg = load_config(config)
         if blob_dir is not None or devices:
             cfg.backend.type, cfg.backend.blob_dir, cfg.backend.devices = "localfs", blob_dir, list(devices)
