@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -63,7 +62,7 @@ class DaemonHooks:
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
-    api: "ApiServer"
+    api: ApiServer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -156,7 +155,7 @@ class ApiServer:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "ApiServer":
+    def start(self) -> ApiServer:
         """Bind the socket (replacing a stale one left by a dead daemon) and serve in a daemon thread."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o755, exist_ok=True)
         _remove_stale_socket(self.path)
