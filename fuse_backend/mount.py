@@ -11,9 +11,9 @@ import trio
 from rafsfs.errors import RafsError
 from rafsfs.image import ChunkSource, RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
+from rafsfs.storage.recent import RecentChunks
 
 from .operations import RafsOperations
-from .recent_chunks import RecentChunks
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,11 @@ class DirEntry:
 
 
 class ChunkSource(Protocol):
-    """Turns chunks into bytes: the chunk cache, or :class:`rafsfs.storage.direct.DirectChunkSource`."""
+    """Turns chunks into bytes: the chunk cache, or :class:`rafsfs.storage.direct.DirectChunkSource`.
+
+    A source may also offer ``read_slices(image, blob, slices: list[ChunkSlice]) -> list[bytes]``, returning just
+    the sliced bytes (the chunk cache reads them from its file without materialising whole chunks);
+    :meth:`RafsImage.read` uses it when present."""
 
     def read_chunks(self, image: "RafsImage", blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         ...
@@ -842,9 +846,16 @@ class RafsImage:
                 if s.chunk not in lst:
                     lst.append(s.chunk)
         data: dict[tuple[int, int], bytes] = {}
+        pieces: dict[int, bytes] = {}  # id(slice) -> bytes, from sources that read parts of chunks
+        read_slices = getattr(source, "read_slices", None)
         for bidx, refs in by_blob.items():
             if source is None:
                 raise BadImage("file data lives in a blob, but no blob source was given")
+            if read_slices is not None:
+                mine = [s for s in slices if s.chunk.blob_index == bidx]
+                for s, piece in zip(mine, read_slices(self, self.blobs[bidx], mine)):
+                    pieces[id(s)] = piece
+                continue
             for ref, chunk in zip(refs, source.read_chunks(self, self.blobs[bidx], refs)):
                 data[(bidx, ref.info.uncompressed_offset)] = chunk
         for s in slices:
@@ -853,6 +864,8 @@ class RafsImage:
                 parts.append(bytes(s.length))
             elif ref.blob_index == BOOTSTRAP:
                 parts.append(bytes(self._bytes(ref.info.uncompressed_offset + s.offset, s.length, "file data")))
+            elif id(s) in pieces:
+                parts.append(pieces[id(s)])
             else:
                 chunk = data[(ref.blob_index, ref.info.uncompressed_offset)]
                 parts.append(chunk[s.offset:s.offset + s.length])

@@ -427,3 +427,16 @@ def test_sequential_reads_fetch_ahead_random_reads_do_not(image, tmp_path):
         touched.add(j)
     cache.close()
     assert len(be.requests) <= len(touched) and cache.metrics.snapshot()["prefetched_chunks"] == 0
+
+
+def test_small_reads_copy_only_their_bytes(image, tmp_path):
+    """A 4 KiB read (also one straddling two chunks) copies just its bytes out of the cache file."""
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "cache"), readahead=0))
+    ino = img.resolve("/f4")
+    for off in (0, 65536 - 2048, 200_001):
+        before = cache.metrics.snapshot()["bytes_served"]
+        assert img.read(ino, off, 4096, cache) == files["/f4"][off:off + 4096]
+        assert cache.metrics.snapshot()["bytes_served"] - before == 4096
+    cache.close()

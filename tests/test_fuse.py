@@ -216,7 +216,7 @@ def test_only_local_data_is_read_on_the_event_loop(tmp_path):
 def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
     """Read-ahead windows that straddle chunk boundaries get the second copy of a chunk from memory; the memory
     stays within its byte bound and the bytes are the file's."""
-    from fuse_backend.recent_chunks import RecentChunks
+    from rafsfs.storage.recent import RecentChunks
     from rafsfs.storage.open import chunk_source_from_args
 
     d, boots = built

@@ -1,17 +1,17 @@
-"""A small memory of the chunks the mount served last.
+"""A small memory of the chunks served last, in front of a chunk source that hands out whole chunks.
 
 The kernel's read-ahead windows are not aligned to chunks (a ``cat`` asks for 256 KiB at 0, 512 KiB at 256 KiB,
 1 MiB at 768 KiB, ...), so one chunk is often needed by two or three FUSE reads in a row.  Without a cache
-(``--blob-dir``) each of them would read and verify the whole chunk again; with the chunk cache each would copy it
-out of the cache file.  Keeping the last few verified chunks (bounded in bytes) makes the second and third reads
-a slice of memory.  Chunks never change (the image is immutable and every chunk was verified before it got here).
+(``--blob-dir``) each of them would read and verify the whole chunk again.  Keeping the last few verified chunks
+(bounded in bytes) makes the second and third reads a slice of memory.  A source that reads parts of chunks itself
+(the chunk cache's ``read_slices``) is passed straight through.  Chunks never change (the image is immutable and every chunk was verified before it got here).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 
-from rafsfs.image import BlobInfo, ChunkRef, ChunkSource, RafsImage
+from ..image import BlobInfo, ChunkRef, ChunkSource, RafsImage
 
 DEFAULT_MAX_BYTES = 16 << 20
 
@@ -26,6 +26,9 @@ class RecentChunks:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        read_slices = getattr(inner, "read_slices", None)
+        if read_slices is not None:
+            self.read_slices = read_slices  # reads parts of chunks already: nothing to remember
 
     @staticmethod
     def _key(blob: BlobInfo, c: ChunkRef) -> tuple[int, int, int]:
