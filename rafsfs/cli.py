@@ -222,7 +222,8 @@ def _start_daemon(argv: list[str], mountpoint: str, log_file: str) -> "subproces
         child.kill()
         with open(log_file, "rb") as f:
             lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-        raise RafsError(f"mount failed: {lines[-1] if lines else 'daemon exited'} (log: {log_file})")
+        last = lines[-1].removeprefix("rafsfs: error: ") if lines else "daemon exited"
+        raise RafsError(f"mount failed: {last} (log: {log_file})")
     return child
 
 
