@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 WORKERS = 8  # threads fetching / decompressing / writing at once
 READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
-WATCH_INTERVAL = 1.0  # how often the mount table is checked for mounts that went away
+WATCH_INTERVAL = 1.0
+BOOTSTRAP_WINDOW = 1 << 20  # bootstrap READs are answered with whole aligned windows of this size  # how often the mount table is checked for mounts that went away
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Obj:
     key: str  # fsid or blob id
     size: int
     data_fd: int = -1  # bootstrap: our own fd of the bootstrap file
-    ready: set[int] = field(default_factory=set)  # blob: chunk-info indexes written into the cache file
+    ready: set[int] = field(default_factory=set)  # chunk-info indexes (blob) / windows (bootstrap) written
     inflight: dict[int, trio.Event] = field(default_factory=dict)
     users: int = 0
     closed: bool = False
@@ -315,7 +316,7 @@ class Daemon:
                 if self.read_delay:
                     await trio.sleep(self.read_delay)
                 if obj.kind == "bootstrap":
-                    await trio.to_thread.run_sync(self._fill_bootstrap, obj, msg, limiter=self.limiter)
+                    await self._fill_bootstrap(obj, msg)
                 else:
                     await self._fill_blob(obj, msg)
                 ok = True
@@ -342,73 +343,112 @@ class Daemon:
             self._stats_dirty = True
 
     @staticmethod
-    def _fill_bootstrap(obj: Obj, msg: protocol.ReadMsg) -> None:
-        data = os.pread(obj.data_fd, msg.length, msg.offset)
-        protocol.write_aligned(obj.anon_fd, msg.offset, data, msg.length)
-
-    async def _fill_blob(self, obj: Obj, msg: protocol.ReadMsg) -> None:
-        _, s, blob = self._lookup(obj.volume, obj.key)
-        assert blob is not None and s.source is not None
-        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, msg.length, s.source,
-                                               limiter=self.limiter)
-        mine: list[ChunkRef] = []
+    def _claim(obj: Obj, required: list[int], extra: list[int]) -> tuple[list[int], list[trio.Event]]:
+        """Single flight per object: the keys (chunk indexes, bootstrap windows) this READ fills itself, and the
+        fills of other READs it waits for.  ``extra`` keys (read-ahead) are taken only when nobody has them."""
+        mine: list[int] = []
         waits: list[trio.Event] = []
-        for c in chunks:
-            if c.ci_index in obj.ready:
+        for k in required + extra:
+            if k in obj.ready or k in mine:
                 continue
-            ev = obj.inflight.get(c.ci_index)
+            ev = obj.inflight.get(k)
             if ev is not None:
-                waits.append(ev)
-            else:
-                obj.inflight[c.ci_index] = trio.Event()
-                mine.append(c)
+                if k in required:
+                    waits.append(ev)
+                continue
+            obj.inflight[k] = trio.Event()
+            mine.append(k)
+        return mine, waits
+
+    @staticmethod
+    def _settle(obj: Obj, keys: list[int], done: list[int]) -> None:
+        obj.ready.update(done)
+        for k in keys:
+            obj.inflight.pop(k).set()
+
+    async def _fill_bootstrap(self, obj: Obj, msg: protocol.ReadMsg) -> None:
+        """Copy whole aligned windows of the bootstrap: later metadata reads nearby need no READ at all."""
+        first = msg.offset // BOOTSTRAP_WINDOW
+        last = (msg.offset + msg.length - 1) // BOOTSTRAP_WINDOW
+        mine, waits = self._claim(obj, list(range(first, last + 1)), [])
+        done: list[int] = []
         try:
             if mine:
-                done, nbytes = await trio.to_thread.run_sync(self._write_chunks, obj, s, blob, mine,
-                                                             limiter=self.limiter)
-                obj.ready.update(done)
+                done = await trio.to_thread.run_sync(self._write_windows, obj, mine, limiter=self.limiter)
+        finally:
+            self._settle(obj, mine, done)
+        for ev in waits:
+            await ev.wait()
+        if len(done) < len(mine) or any(k not in obj.ready for k in range(first, last + 1)):
+            raise RafsError("bootstrap window not written")
+
+    @staticmethod
+    def _write_windows(obj: Obj, windows: list[int]) -> list[int]:
+        size = protocol.round_up(obj.size)
+        for w in windows:
+            off = w * BOOTSTRAP_WINDOW
+            n = min(BOOTSTRAP_WINDOW, size - off)
+            protocol.write_aligned(obj.anon_fd, off, os.pread(obj.data_fd, n, off), n)
+        return windows
+
+    async def _fill_blob(self, obj: Obj, msg: protocol.ReadMsg) -> None:
+        """The chunks covering the READ, plus the chunks after them up to ``amplify`` bytes (read-ahead: small files
+        lie next to each other in a blob, and a chunk written now is a READ the kernel never sends)."""
+        _, s, blob = self._lookup(obj.volume, obj.key)
+        assert blob is not None and s.source is not None
+        span = min(max(msg.length, s.amplify), max(0, obj.size - msg.offset)) or msg.length
+        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, span, s.source,
+                                               limiter=self.limiter)
+        end = msg.offset + msg.length
+        by_ci = {c.ci_index: c for c in chunks}
+        required = [c.ci_index for c in chunks if c.info.uncompressed_offset < end]
+        mine, waits = self._claim(obj, required, [c.ci_index for c in chunks if c.info.uncompressed_offset >= end])
+        gaps = _uncovered(msg.offset, msg.length, [by_ci[k] for k in required])
+        done: list[int] = []
+        try:
+            if mine or gaps:
+                done, nbytes = await trio.to_thread.run_sync(self._write_chunks, obj, s, blob,
+                                                             [by_ci[k] for k in mine], gaps, limiter=self.limiter)
                 st = self.stats
                 st["chunks_fetched"] += len(done)
                 st["bytes_fetched"] += nbytes
                 st["blob_chunks_fetched"][blob.blob_id] = st["blob_chunks_fetched"].get(blob.blob_id, 0) + len(done)
-                if len(done) < len(mine):
-                    raise RafsError(f"{len(mine) - len(done)} chunk(s) could not be fetched")
         finally:
-            for c in mine:
-                obj.inflight.pop(c.ci_index).set()
+            self._settle(obj, mine, done)
         for ev in waits:
             await ev.wait()
-        gaps = _uncovered(msg.offset, msg.length, chunks)
-        if gaps:
-            await trio.to_thread.run_sync(self._write_zeros, obj, gaps, limiter=self.limiter)
+        missing = [k for k in required if k not in obj.ready]
+        if missing:
+            raise RafsError(f"{len(missing)} chunk(s) could not be fetched")
 
     @staticmethod
-    def _write_chunks(obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef]) -> tuple[list[int], int]:
-        """Fetch (merged), verify and write whole chunks; on an error retry one by one so good chunks still land."""
+    def _write_chunks(obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef],
+                      gaps: list[tuple[int, int]]) -> tuple[list[int], int]:
+        """Fetch (merged), verify and write whole chunks, and zeros into ``gaps``; on an error retry chunk by chunk so
+        the good ones still land."""
         assert s.source is not None
-        try:
-            pairs = list(zip(chunks, s.source.read_chunks(s.image, blob, chunks)))
-        except RafsError as e:
-            if len(chunks) == 1:
-                raise
-            log.warning("blob %s: %s; fetching chunk by chunk", blob.blob_id, e)
-            pairs = []
-            for c in chunks:
-                try:
-                    pairs.append((c, s.source.read_chunks(s.image, blob, [c])[0]))
-                except RafsError as e1:
-                    log.error("blob %s chunk %d: %s", blob.blob_id, c.ci_index, e1)
+        pairs: list[tuple[ChunkRef, bytes]] = []
+        if chunks:
+            try:
+                pairs = list(zip(chunks, s.source.read_chunks(s.image, blob, chunks)))
+            except RafsError as e:
+                if len(chunks) > 1:
+                    log.warning("blob %s: %s; fetching chunk by chunk", blob.blob_id, e)
+                for c in chunks if len(chunks) > 1 else ():
+                    try:
+                        pairs.append((c, s.source.read_chunks(s.image, blob, [c])[0]))
+                    except RafsError as e1:
+                        log.error("blob %s chunk %d: %s", blob.blob_id, c.ci_index, e1)
+                if len(chunks) == 1:
+                    log.error("blob %s chunk %d: %s", blob.blob_id, chunks[0].ci_index, e)
         done, nbytes = [], 0
         for c, data in pairs:
             protocol.write_aligned(obj.anon_fd, c.info.uncompressed_offset, data, c.info.uncompressed_size)
             done.append(c.ci_index)
             nbytes += len(data)
-        return done, nbytes
-
-    @staticmethod
-    def _write_zeros(obj: Obj, gaps: list[tuple[int, int]]) -> None:
         for off, n in gaps:
             protocol.write_aligned(obj.anon_fd, off, b"", n)
+        return done, nbytes
 
     # ------------------------------------------------------------------------------------------ control socket
     async def _control_loop(self) -> None:

@@ -20,6 +20,7 @@ class Served:
     image: RafsImage
     source: DirectChunkSource | None
     bootstrap_fd: int
+    amplify: int  # bytes of blob one READ fetches at least (read-ahead of the chunks after the requested ones)
 
 
 def open_served(rec: MountRecord) -> Served:
@@ -32,14 +33,14 @@ def open_served(rec: MountRecord) -> Served:
             if not b.blob_id:
                 raise FscacheError(f"{rec.bootstrap}: device {b.index + 1} has no tag naming its blob; fscache mode "
                                    "needs one (Nydus images always have it)")
-        source = open_source(rec.blob_dir, rec.devices, rec.config)
+        source, amplify = open_source(rec.blob_dir, rec.devices, rec.config)
         if image.blobs and source is None:
             raise FscacheError(f"{rec.bootstrap}: the image's data is in blobs: give --blob-dir or --config")
         fd = os.open(rec.bootstrap, os.O_RDONLY | os.O_CLOEXEC)
     except BaseException:
         image.close()
         raise
-    return Served(rec, image, source, fd)
+    return Served(rec, image, source, fd, amplify)
 
 
 def close_served(s: Served) -> None:

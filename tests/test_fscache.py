@@ -166,3 +166,57 @@ def test_forced_fscache_on_a_kernel_without_it_is_one_line(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "fscache is not available" in lines[0] and why in lines[0], p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ host-side pieces
+def test_protocol_parses_kernel_messages():
+    import struct
+
+    from fscache_backend import protocol
+
+    vol, cookie = b"erofs,rafsfs\0", b"f" * 64
+    msg = struct.pack("=IIII", 7, protocol.OP_OPEN, 32 + len(vol) + len(cookie), 3) + \
+        struct.pack("=IIII", len(vol), len(cookie), 12, 0) + vol + cookie
+    assert protocol.parse(msg) == protocol.OpenMsg(7, 3, "erofs,rafsfs", "f" * 64, 12, 0)
+    read = struct.pack("=IIII", 8, protocol.OP_READ, 32, 3) + struct.pack("=QQ", 1 << 20, 131072)
+    assert protocol.parse(read) == protocol.ReadMsg(8, 3, 1 << 20, 131072)
+    assert protocol.parse(struct.pack("=IIII", 9, protocol.OP_CLOSE, 16, 3)) == protocol.CloseMsg(9, 3)
+    for bad in (msg[:20], msg[:-1], read + b"x", struct.pack("=IIII", 1, 9, 16, 1),
+                struct.pack("=IIII", 1, protocol.OP_OPEN, 32, 1) + struct.pack("=IIII", 100, 100, 3, 0)):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse(bad)
+    assert protocol.IOC_READ_COMPLETE == 0x40049801
+
+
+def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
+    """What the daemon writes into a blob's cache file (chunks from ``blob_chunks`` at their uncompressed offsets)
+    is byte for byte the uncompressed layout: for a --compressor none image that is the blob file itself, which the
+    kernel's file-backed EROFS reads with blkaddr * 4096."""
+    from fscache_backend.daemon import _uncovered
+    from fscache_backend.sources import open_source
+
+    src = tmp_path / "src"
+    make_small_tree(src)
+    (src / "big").write_bytes(random.Random(3).randbytes(300_000))
+    blobs = tmp_path / "blobs"
+    ids = {c: _build(src, tmp_path / f"{c}.boot", blobs, c, "64K") for c in ("zstd", "none")}
+    plain = (blobs / ids["none"]).read_bytes()
+    source, _ = open_source(str(blobs), [], None)
+    with RafsImage.open(str(tmp_path / "zstd.boot")) as img:
+        blob = img.blobs[0]
+        layout = bytearray(len(plain))
+        chunks = img.blob_chunks(blob, 0, blob.uncompressed_size, source)
+        assert len(chunks) == blob.chunk_count
+        for c, data in zip(chunks, source.read_chunks(img, blob, chunks)):
+            layout[c.info.uncompressed_offset:c.info.uncompressed_offset + len(data)] = data
+            assert plain[c.info.uncompressed_offset:c.info.uncompressed_offset + len(data)] == data
+        # a range in the middle of a chunk finds that chunk; a range past the data finds nothing
+        mid = chunks[1].info.uncompressed_offset + 4096
+        assert [c.ci_index for c in img.blob_chunks(blob, mid, 4096, source)] == [chunks[1].ci_index]
+        assert img.blob_chunks(blob, blob.uncompressed_size + 8192, 4096, source) == []
+        # padding after a chunk's last byte, up to the next page, is a gap the daemon fills with zeros
+        last = chunks[-1].info
+        end = last.uncompressed_offset + last.uncompressed_size
+        gaps = _uncovered(last.uncompressed_offset, 3 * 4096 + (end - last.uncompressed_offset), [chunks[-1]])
+        assert gaps and all(o % 4096 == 0 and o >= end for o, _n in gaps)
+    source.close()
