@@ -3,7 +3,7 @@
     python bench/container_start.py               # 3 repetitions per way, median reported
     python bench/container_start.py --repeat 1    # one of each
 
-The image: Debian bookworm debootstrap minbase + python3-minimal (the e2e test's, cached in /var/cache/rafsfs-ci)
+The image: Debian bookworm debootstrap minbase + python3 (the e2e and FUSE tests' rootfs, tests/rootfs_cache.py)
 as a one-layer OCI image (gzip) in a local docker-registry on 127.0.0.1.  The command: ``python3 -c 'print(42)'``.
 
     full pull  ``ctr images pull --plain-http`` (download + unpack onto overlayfs), then ``ctr run``

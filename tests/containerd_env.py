@@ -1,7 +1,7 @@
 """Real container plumbing for the end-to-end test and bench/container_start.py.
 
-* :func:`python_rootfs_tar` — a Debian bookworm ``debootstrap --variant=minbase --include=python3-minimal`` tree,
-  made once and cached as a tarball in /var/cache/rafsfs-ci.
+* :func:`python_rootfs_tar` — a Debian bookworm ``debootstrap --variant=minbase --include=python3`` tree,
+  made once and cached as a tarball (tests/rootfs_cache.py).
 * :class:`Registry` — Debian's ``docker-registry`` on 127.0.0.1 (filesystem storage in a temp dir) with a tiny
   OCI push client (blobs, manifests) for building test images.
 * :func:`push_oci_image` — an OCI image (one gzip layer per tar) pushed to the registry.
@@ -50,13 +50,14 @@ def which(name: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ the rootfs
 def python_rootfs_tar() -> Path:
-    """rootfs.tar of debootstrap minbase + python3-minimal (bookworm), cached between runs."""
-    sys.path.insert(0, str(REPO))
-    from bench.rootfs import ensure_rootfs
+    """rootfs.tar of debootstrap minbase + python3 (bookworm): the same cached tree the FUSE tests use
+    (tests/rootfs_cache.py), so a fresh machine debootstraps once."""
+    from rootfs_cache import ensure_test_rootfs
 
-    workdir = CI_CACHE / "python3-minbase"
-    ensure_rootfs(workdir, include=("python3-minimal",), extra_tiers=())
-    return workdir / "rootfs.tar"
+    tar = ensure_test_rootfs().parent / "rootfs.tar"
+    if not tar.is_file():
+        raise RuntimeError(f"{tar} is missing: delete {tar.parent} to debootstrap again")
+    return tar
 
 
 def gzip_file(src: Path, dst: Path, level: int = 1) -> None:

@@ -2,7 +2,7 @@
 to a Nydus image, containerd + nydus-snapshotter (Debian 13's) whose ``--nydusd`` is ``rafsfs-nydusd`` in FUSE mode,
 ``ctr-remote images rpull`` and ``ctr run``.
 
-The rootfs is debootstrap minbase + python3-minimal, cached as a tarball in /var/cache/rafsfs-ci between runs.
+The rootfs is debootstrap minbase + python3 (tests/rootfs_cache.py), cached as a tarball between runs.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _layer(entries: list[tuple[str, bytes | None]]) -> bytes:
 
 
 CHECK = r"""
-import os  # python3-minimal: no json module
+import os
 print(repr({
   "issue.net": os.path.exists("/etc/issue.net"),
   "motd": open("/etc/motd").read(),
