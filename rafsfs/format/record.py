@@ -44,7 +44,7 @@ class Record:
 
     @classmethod
     def unpack_from(cls: type[R], buf: Any, offset: int = 0) -> R:
-        s = cls._layout()
+        s = cls.__dict__.get("_struct") or cls._layout()
         if offset < 0 or offset + s.size > len(buf):
             raise BadImage(f"truncated {cls.NAME} at offset {offset}")
         return cls(*s.unpack_from(buf, offset))
