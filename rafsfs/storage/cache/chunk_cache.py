@@ -138,6 +138,10 @@ class ChunkCache:
             self._evict()
         return bc
 
+    def fully_cached(self, blob: BlobInfo) -> bool:
+        """Every chunk of ``blob`` is in the cache: reading it needs no backend."""
+        return blob.nydus and blob.chunk_count > 0 and all(self._blob(blob).ready)
+
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
 
