@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RafsError
-from .storage.backend.registry import Endpoint, RegistryConfig, decode_auth
+from .storage.backend.registry_config import Endpoint, RegistryConfig, decode_auth
 
 log = logging.getLogger(__name__)
 
