@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 WORKERS = 8  # threads fetching / decompressing / writing at once
 READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
 WATCH_INTERVAL = 1.0
-BOOTSTRAP_WINDOW = 1 << 20  # bootstrap READs are answered with whole aligned windows of this size  # how often the mount table is checked for mounts that went away
+BOOTSTRAP_WINDOW = 1 << 20
+READ_AHEAD = 2  # after a blob READ, fetch this many times amplify_io more bytes of chunks in the background  # bootstrap READs are answered with whole aligned windows of this size  # how often the mount table is checked for mounts that went away
 
 
 @dataclass
@@ -392,34 +393,55 @@ class Daemon:
         return windows
 
     async def _fill_blob(self, obj: Obj, msg: protocol.ReadMsg) -> None:
-        """The chunks covering the READ, plus the chunks after them up to ``amplify`` bytes (read-ahead: small files
-        lie next to each other in a blob, and a chunk written now is a READ the kernel never sends)."""
+        """The chunks covering the READ plus the chunks after them up to ``amplify`` bytes, before completing it
+        (small files lie next to each other in a blob: one merged fetch, and a chunk written now is a READ the kernel
+        never sends); then, in the background, the next READ_AHEAD x ``amplify`` bytes (sequential readers find
+        their next chunks present)."""
         _, s, blob = self._lookup(obj.volume, obj.key)
         assert blob is not None and s.source is not None
-        span = min(max(msg.length, s.amplify), max(0, obj.size - msg.offset)) or msg.length
-        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, span, s.source,
-                                               limiter=self.limiter)
+        sync_end = msg.offset + max(msg.length, s.amplify)
+        span = min(sync_end + READ_AHEAD * s.amplify, obj.size) - msg.offset
+        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, max(span, msg.length),
+                                               s.source, limiter=self.limiter)
         end = msg.offset + msg.length
         by_ci = {c.ci_index: c for c in chunks}
         required = [c.ci_index for c in chunks if c.info.uncompressed_offset < end]
         mine, waits = self._claim(obj, required, [c.ci_index for c in chunks if c.info.uncompressed_offset >= end])
+        later = [k for k in mine if by_ci[k].info.uncompressed_offset >= sync_end]
+        now = [k for k in mine if k not in later]
         gaps = _uncovered(msg.offset, msg.length, [by_ci[k] for k in required])
-        done: list[int] = []
-        try:
-            if mine or gaps:
-                done, nbytes = await trio.to_thread.run_sync(self._write_chunks, obj, s, blob,
-                                                             [by_ci[k] for k in mine], gaps, limiter=self.limiter)
-                st = self.stats
-                st["chunks_fetched"] += len(done)
-                st["bytes_fetched"] += nbytes
-                st["blob_chunks_fetched"][blob.blob_id] = st["blob_chunks_fetched"].get(blob.blob_id, 0) + len(done)
-        finally:
-            self._settle(obj, mine, done)
+        if later:
+            obj.users += 1
+            self.nursery.start_soon(self._fetch_chunks, obj, s, blob, [by_ci[k] for k in later], [], True)
+        await self._fetch_chunks(obj, s, blob, [by_ci[k] for k in now], gaps, False)
         for ev in waits:
             await ev.wait()
         missing = [k for k in required if k not in obj.ready]
         if missing:
             raise RafsError(f"{len(missing)} chunk(s) could not be fetched")
+
+    async def _fetch_chunks(self, obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef],
+                            gaps: list[tuple[int, int]], background: bool) -> None:
+        """Fill claimed ``chunks`` (and zero ``gaps``) in a worker thread, then settle their claims."""
+        done: list[int] = []
+        try:
+            if chunks or gaps:
+                done, nbytes = await trio.to_thread.run_sync(self._write_chunks, obj, s, blob, chunks, gaps,
+                                                             limiter=self.limiter)
+                st = self.stats
+                st["chunks_fetched"] += len(done)
+                st["bytes_fetched"] += nbytes
+                st["blob_chunks_fetched"][blob.blob_id] = st["blob_chunks_fetched"].get(blob.blob_id, 0) + len(done)
+        except (RafsError, OSError) as e:
+            if not background:
+                raise
+            log.warning("read-ahead of blob %s failed: %s", blob.blob_id, e)
+        finally:
+            self._settle(obj, [c.ci_index for c in chunks], done)
+            if background:
+                obj.users -= 1
+                if obj.closed and obj.users == 0:
+                    obj.release()
 
     @staticmethod
     def _write_chunks(obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef],

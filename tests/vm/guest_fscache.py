@@ -236,7 +236,7 @@ def test_shared_blob_is_fetched_once():
 # ------------------------------------------------------------------------------------------------ crash + restore
 def test_kill9_during_reads_then_restore_then_sigterm():
     big = PARAMS["big"]
-    with session("crash", RAFSFS_FSCACHE_READ_DELAY="0.3") as s:
+    with session("crash", RAFSFS_FSCACHE_READ_DELAY="0.5") as s:
         mnt = s.mount(big["image"], "big", "--blob-dir", PARAMS["blob_dir"])
         result: dict = {}
 
@@ -253,7 +253,7 @@ def test_kill9_during_reads_then_restore_then_sigterm():
         t = threading.Thread(target=reader, daemon=True)
         t.start()
         deadline = time.monotonic() + 60
-        while s.stats()["reads_blob"] < 3:
+        while s.stats()["reads_blob"] < 1:
             assert time.monotonic() < deadline, "no blob READs arrive"
             time.sleep(0.1)
         old = s.request("status")["pid"]
