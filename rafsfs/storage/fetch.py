@@ -69,7 +69,7 @@ class ChunkFetcher:
         self.amplify_io = max(amplify_io, 1)
         self.metrics = metrics or CacheMetrics()
         self._workers = max(workers, 1)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pool_lock = threading.Lock()
 
     def read_range(self, blob: BlobInfo, offset: int, size: int) -> bytes:
@@ -105,9 +105,9 @@ class ChunkFetcher:
             for c in group:
                 sink(c, None, e)
             return e
-        first: RafsError | None = None
         view = memoryview(raw)
-        for c in group:
+
+        def decode(c: ChunkRef) -> RafsError | None:
             o = c.info.compressed_offset - start
             try:
                 data = verify_chunk(blob, c, view[o:o + c.info.compressed_size], self.verify)
@@ -115,20 +115,29 @@ class ChunkFetcher:
                 self.metrics.error()
                 log.debug("%s", e)
                 sink(c, None, e)
-                first = first or e
-                continue
+                return e
             sink(c, bytes(data), None)
-        return first
+            return None
 
-    def _get_pool(self) -> ThreadPoolExecutor:
+        if len(group) > 1 and self._workers > 1:
+            # one request brought several chunks: decompress and verify them on several cores, in order of need
+            results = list(self._get_pool("decode").map(decode, group))
+        else:
+            results = [decode(c) for c in group]
+        return next((e for e in results if e is not None), None)
+
+    def _get_pool(self, kind: str = "fetch") -> ThreadPoolExecutor:
+        """The worker pools: "fetch" runs whole groups (a request, then its chunks), "decode" the chunks of one
+        group in parallel.  Two pools, so a group waiting for its chunks never waits for a free worker of its own."""
         with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rafsfs-fetch")
-            return self._pool
+            pool = self._pools.get(kind)
+            if pool is None:
+                pool = self._pools[kind] = ThreadPoolExecutor(self._workers, thread_name_prefix=f"rafsfs-{kind}")
+            return pool
 
     def close(self) -> None:
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=True)
         self.backend.close()
