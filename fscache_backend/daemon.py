@@ -464,10 +464,13 @@ class Daemon:
                 if len(chunks) == 1:
                     log.error("blob %s chunk %d: %s", blob.blob_id, chunks[0].ci_index, e)
         done, nbytes = [], 0
-        for c, data in pairs:
-            protocol.write_aligned(obj.anon_fd, c.info.uncompressed_offset, data, c.info.uncompressed_size)
-            done.append(c.ci_index)
-            nbytes += len(data)
+        for run in _runs(pairs):
+            start = run[0][0].info.uncompressed_offset
+            last = run[-1][0].info
+            protocol.write_run(obj.anon_fd, start, [(c.info.uncompressed_offset, d) for c, d in run],
+                               last.uncompressed_offset + last.uncompressed_size - start)
+            done += [c.ci_index for c, _d in run]
+            nbytes += sum(len(d) for _c, d in run)
         for off, n in gaps:
             protocol.write_aligned(obj.anon_fd, off, b"", n)
         return done, nbytes
@@ -530,6 +533,21 @@ class Daemon:
             os.replace(tmp, self.settings.stats_path)
         except OSError as e:
             log.warning("cannot write %s: %s", self.settings.stats_path, e.strerror)
+
+
+def _runs(pairs: list[tuple[ChunkRef, bytes]], limit: int = 8 << 20) -> list[list[tuple[ChunkRef, bytes]]]:
+    """Chunks in offset order, grouped where each starts on the page after the previous one ends (up to ``limit``
+    bytes a group): one aligned write each."""
+    runs: list[list[tuple[ChunkRef, bytes]]] = []
+    for c, d in sorted(pairs, key=lambda p: p[0].info.uncompressed_offset):
+        if runs:
+            first, prev = runs[-1][0][0].info, runs[-1][-1][0].info
+            if c.info.uncompressed_offset == protocol.round_up(prev.uncompressed_offset + prev.uncompressed_size) \
+                    and c.info.uncompressed_offset + c.info.uncompressed_size - first.uncompressed_offset <= limit:
+                runs[-1].append((c, d))
+                continue
+        runs.append([(c, d)])
+    return runs
 
 
 def _uncovered(offset: int, length: int, chunks: list[ChunkRef]) -> list[tuple[int, int]]:

@@ -116,14 +116,23 @@ def round_up(n: int, align: int = PAGE) -> int:
 def write_aligned(anon_fd: int, offset: int, data: bytes | memoryview, length: int | None = None) -> None:
     """Write ``data`` at page-aligned ``offset``, zero-padded to ``length`` (default: ``len(data)``) rounded up to a
     page, from a page-aligned buffer: the kernel writes the cache file with direct I/O."""
+    write_run(anon_fd, offset, [(offset, data)], max(length if length is not None else len(data), len(data)))
+
+
+def write_run(anon_fd: int, offset: int, pieces: list[tuple[int, bytes | memoryview]], length: int) -> None:
+    """One write of ``length`` bytes (rounded up to a page) at page-aligned ``offset``: each (position, data) of
+    ``pieces`` in place, zeros in between.  Adjacent chunks go to the kernel in one direct I/O instead of one each."""
     if offset % PAGE:
         raise ValueError(f"unaligned offset {offset}")
-    total = round_up(max(length if length is not None else len(data), len(data)))
+    total = round_up(length)
     if total == 0:
         return
     buf = mmap.mmap(-1, total)  # anonymous mappings are page-aligned and zero-filled
     try:
-        buf[:len(data)] = data
+        for pos, data in pieces:
+            if pos < offset or pos + len(data) > offset + total:
+                raise ValueError(f"piece at {pos}+{len(data)} outside the run {offset}+{total}")
+            buf[pos - offset:pos - offset + len(data)] = data
         view = memoryview(buf)
         try:
             done = 0

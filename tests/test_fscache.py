@@ -220,3 +220,34 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
         gaps = _uncovered(last.uncompressed_offset, 3 * 4096 + (end - last.uncompressed_offset), [chunks[-1]])
         assert gaps and all(o % 4096 == 0 and o >= end for o, _n in gaps)
     source.close()
+
+
+def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
+    """Chunks that follow each other page by page are written as one run: bytes in place, zeros in the padding."""
+    from fscache_backend import protocol
+    from fscache_backend.daemon import _runs
+
+    from rafsfs.format.blob_meta import ChunkInfo
+    from rafsfs.image import ChunkRef
+
+    def chunk(ci, off, size):
+        return ChunkRef(0, ci, ChunkInfo(off, size, off, size, False)), bytes([ci + 1]) * size
+
+    pairs = [chunk(1, 8192, 100), chunk(0, 0, 5000), chunk(2, 20480, 4096)]  # 0 and 1 adjacent, 2 after a hole
+    runs = _runs(pairs)
+    assert [[c.ci_index for c, _d in r] for r in runs] == [[0, 1], [2]]
+    path = tmp_path / "cache"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        for r in runs:
+            start = r[0][0].info.uncompressed_offset
+            end = r[-1][0].info.uncompressed_offset + r[-1][0].info.uncompressed_size
+            protocol.write_run(fd, start, [(c.info.uncompressed_offset, d) for c, d in r], end - start)
+        with pytest.raises(ValueError):
+            protocol.write_run(fd, 100, [(100, b"x")], 1)  # unaligned
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:5000] == b"\1" * 5000 and data[5000:8192] == bytes(3192)
+    assert data[8192:8292] == b"\2" * 100 and data[8292:12288] == bytes(3996)
+    assert data[12288:20480] == bytes(8192) and data[20480:24576] == b"\3" * 4096 and len(data) == 24576
