@@ -1,8 +1,8 @@
 """fscache mode vs the kernel's own EROFS vs FUSE mode, on one uncompressed image, in ONE run of the test VM.
 
-The host builds a ``--compressor none`` image of a tree (default /usr/include, plus one 64 MiB file), boots ``../shared/vm/run-in-vm.sh``
-once and runs this script inside (``--guest``).  In the guest the bootstrap and blob are first copied to the ext4
-scratch disk, then each of three mounts of the same image is measured the same way:
+The host builds a ``--compressor none`` image of a tree (default /usr/include, plus one 64 MiB file), boots
+``../shared/vm/run-in-vm.sh`` once and runs this script inside (``--guest``).  In the guest the bootstrap and blob
+are first copied to the ext4 scratch disk, then each of three mounts of the same image is measured the same way:
 
 * ``kernel EROFS``: a file-backed mount(2) of the bootstrap with ``device=`` the blob (no daemon at all: the peer);
 * ``fscache``: ``rafsfs mount --mode fscache`` (kernel EROFS over on-demand cachefiles; fresh cache directory);

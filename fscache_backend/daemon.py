@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 WORKERS = 8  # threads fetching / decompressing / writing at once
 READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
-WATCH_INTERVAL = 1.0
-BOOTSTRAP_WINDOW = 1 << 20
-READ_AHEAD = 2  # after a blob READ, fetch this many times amplify_io more bytes of chunks in the background  # bootstrap READs are answered with whole aligned windows of this size  # how often the mount table is checked for mounts that went away
+WATCH_INTERVAL = 1.0  # how often the mount table is checked for mounts that went away
+BOOTSTRAP_WINDOW = 1 << 20  # bootstrap READs are answered with whole aligned windows of this size
+READ_AHEAD = 2  # after a blob READ, fetch this many times amplify_io more bytes of chunks in the background
 
 
 @dataclass
