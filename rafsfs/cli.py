@@ -274,11 +274,11 @@ def _wait_mounted(mountpoint: str, child: "subprocess.Popen", timeout: float = 6
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from fuse_backend.mount import preflight, run_fuse  # the CLI is where backends are composed
-
     mode = _mode(args.mode)
     mountpoint = os.path.realpath(args.mountpoint)
     if mode == "fuse":
+        from fuse_backend.mount import preflight, run_fuse  # the CLI is where backends are composed
+
         preflight(mountpoint)
     if _is_reference(args.source):  # fetch only the bootstrap; blobs are read lazily from the registry
         from .oci.pull import prepare_mount
