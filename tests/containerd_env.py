@@ -2,8 +2,8 @@
 
 * :func:`python_rootfs_tar` — a Debian bookworm ``debootstrap --variant=minbase --include=python3`` tree,
   made once and cached as a tarball (tests/rootfs_cache.py).
-* :class:`Registry` — Debian's ``docker-registry`` on 127.0.0.1 (filesystem storage in a temp dir) with a tiny
-  OCI push client (blobs, manifests) for building test images.
+* :class:`Registry` — tests/registry_env.py's ``docker-registry``, started at once, with the push helpers an OCI
+  image needs (layers with their sizes, manifests).
 * :func:`push_oci_image` — an OCI image (one gzip layer per tar) pushed to the registry.
 * :class:`Containerd` — containerd + nydus-snapshotter (``--nydusd rafsfs-nydusd``, FUSE) and, on request,
   soci-snapshotter, all under one private root; ``ctr``/``ctr-remote`` wrappers.
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from registry_env import Registry as TestRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CACHE = Path(os.environ.get("RAFSFS_CI_CACHE", "/var/cache/rafsfs-ci"))
@@ -36,12 +35,6 @@ MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def which(name: str) -> str | None:
@@ -81,112 +74,23 @@ def sha256_file(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ registry
-class Registry:
-    """docker-registry on 127.0.0.1:<free port>, storage under ``workdir`` (or ``storage``: a second registry
-    process can serve the same images).  ``tls=True``: HTTPS with a certificate for 127.0.0.1 signed by itself,
-    ``ca_file`` being that certificate."""
+class Registry(TestRegistry):
+    """tests/registry_env.py's docker-registry, started at once, plus the push helpers an OCI image needs.
+    ``tls=True`` serves HTTPS (certificate for 127.0.0.1 and 0.0.0.0, ``ca_file`` its CA); ``storage``: serve
+    another registry's storage (soci needs a TLS twin of the plain registry)."""
 
     def __init__(self, workdir: Path, tls: bool = False, storage: Path | None = None):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage = Path(storage) if storage else self.workdir / "data"
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"{'https' if tls else 'http'}://{self.host}"
-        self.ca_file: Path | None = None
-        tls_cfg = ""
-        if tls:
-            key, self.ca_file = self.workdir / "key.pem", self.workdir / "cert.pem"
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,IP:0.0.0.0",
-                            "-keyout", str(key), "-out", str(self.ca_file)], check=True, capture_output=True)
-            tls_cfg = f"  tls:\n    certificate: {self.ca_file}\n    key: {key}\n"
-        cfg = self.workdir / "registry.yml"
-        cfg.write_text(f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {self.storage}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{self.port}
-{tls_cfg}""")
-        self._log = open(self.workdir / "registry.log", "wb")
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.session = requests.Session()
-        self.session.trust_env = False  # loopback: no proxies, and REQUESTS_CA_BUNDLE must not replace our CA
-        if self.ca_file:
-            self.session.verify = str(self.ca_file)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if self.session.get(self.url + "/v2/", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"docker-registry did not start: {(self.workdir / 'registry.log').read_text()}")
-            time.sleep(0.1)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        super().__init__(Path(workdir), tls=tls, shared_storage=storage)
+        self.start()
 
-    def has_blob(self, repo: str, digest: str) -> bool:
-        return self.session.head(f"{self.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200
-
-    def push_blob(self, repo: str, path: Path | None = None, data: bytes | None = None,
-                  digest: str | None = None) -> tuple[str, int]:
-        """Upload a blob (monolithic); returns (digest, size)."""
-        if data is None:
-            assert path is not None
-            digest = digest or "sha256:" + sha256_file(path)
-            size = path.stat().st_size
-        else:
-            digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
-            size = len(data)
-        if self.has_blob(repo, digest):
-            return digest, size
-        r = self.session.post(f"{self.url}/v2/{repo}/blobs/uploads/", timeout=30)
-        r.raise_for_status()
-        loc = r.headers["Location"]
-        if loc.startswith("/"):
-            loc = self.url + loc
-        sep = "&" if "?" in loc else "?"
-        body = data if data is not None else open(path, "rb")  # noqa: SIM115 - requests streams and closes
-        try:
-            r = self.session.put(f"{loc}{sep}digest={digest}", data=body, timeout=600,
-                                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-        finally:
-            if data is None:
-                body.close()
-        r.raise_for_status()
-        return digest, size
-
-    def push_manifest(self, repo: str, tag: str, manifest: dict) -> str:
-        raw = json.dumps(manifest, separators=(",", ":")).encode()
-        r = self.session.put(f"{self.url}/v2/{repo}/manifests/{tag}", data=raw,
-                             headers={"Content-Type": manifest["mediaType"]}, timeout=30)
-        r.raise_for_status()
-        return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-    def get_manifest(self, repo: str, tag: str) -> dict:
-        r = self.session.get(f"{self.url}/v2/{repo}/manifests/{tag}", timeout=30,
-                             headers={"Accept": f"{MT_MANIFEST}, application/vnd.oci.image.index.v1+json"})
-        r.raise_for_status()
-        return r.json()
+    def push_layer(self, repo: str, path: Path | None = None, data: bytes | None = None) -> tuple[str, int]:
+        """Upload a blob; returns (``sha256:...`` digest, size)."""
+        body = data if data is not None else Path(path).read_bytes()
+        return "sha256:" + self.push_blob(repo, body), len(body)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.stop()
 
 
 def image_config(diff_ids: list[str], cmd: list[str] | None = None) -> dict:
@@ -205,11 +109,11 @@ def push_oci_image(registry: Registry, repo: str, tag: str, layer_tars: list[Pat
         gz = cache_dir / f"{diff}.tar.gz"
         if not gz.exists():
             gzip_file(tar, gz)
-        digest, size = registry.push_blob(repo, gz)
+        digest, size = registry.push_layer(repo, gz)
         layers.append({"mediaType": MT_LAYER_GZIP, "digest": digest, "size": size})
         diff_ids.append("sha256:" + diff)
     cfg = json.dumps(image_config(diff_ids)).encode()
-    cdigest, csize = registry.push_blob(repo, data=cfg)
+    cdigest, csize = registry.push_layer(repo, data=cfg)
     registry.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                                        "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
                                        "layers": layers})
@@ -410,51 +314,3 @@ def umount_under(root: Path) -> None:
 def short_tmpdir(prefix: str) -> Path:
     """A short directory under /tmp (socket paths inside it must stay under 107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-# ------------------------------------------------------------------------------------------------ Nydus images
-MT_NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
-
-
-def push_nydus_image(registry: Registry, repo: str, tag: str, bootstrap: Path, blob_dir: Path,
-                     workdir: Path) -> str:
-    """Push a Nydus image (fs-version 6) from ``rafsfs build`` output: every blob the bootstrap names as a
-    nydus-blob layer, then a gzip layer holding ``image/image.boot``; returns the ref.  (The shape nydusify and
-    ``rafsfs convert`` push; used where an image is built straight from a tree.)"""
-    import tarfile
-
-    from rafsfs.image import RafsImage
-
-    with RafsImage.open(str(bootstrap)) as image:
-        blob_ids = [b.blob_id for b in image.blobs]
-    layers, diff_ids = [], []
-    for bid in blob_ids:
-        digest, size = registry.push_blob(repo, blob_dir / bid, digest=f"sha256:{bid}")
-        layers.append({"mediaType": MT_NYDUS_BLOB, "digest": digest, "size": size,
-                       "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
-        diff_ids.append(digest)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tar = workdir / f"{tag}.bootstrap.tar"
-    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
-        info = tarfile.TarInfo("image")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        t.addfile(info)
-        info = t.gettarinfo(str(bootstrap), "image/image.boot")
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.mtime = 0
-        with open(bootstrap, "rb") as f:
-            t.addfile(info, f)
-    gz = workdir / f"{tag}.bootstrap.tar.gz"
-    gzip_file(tar, gz)
-    digest, size = registry.push_blob(repo, gz)
-    layers.append({"mediaType": MT_LAYER_GZIP, "digest": digest, "size": size,
-                   "annotations": {"containerd.io/snapshot/nydus-bootstrap": "true",
-                                   "containerd.io/snapshot/nydus-fs-version": "6"}})
-    diff_ids.append("sha256:" + sha256_file(tar))
-    cfg = json.dumps(image_config(diff_ids)).encode()
-    cdigest, csize = registry.push_blob(repo, data=cfg)
-    registry.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                                       "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
-                                       "layers": layers})
-    return f"{registry.host}/{repo}:{tag}"

@@ -67,7 +67,7 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- keys and certs
-def _self_signed(dirpath: Path, name: str, *, ca: tuple | None = None, ip: str | None = None,
+def _self_signed(dirpath: Path, name: str, *, ca: tuple | None = None, ips: tuple[str, ...] = (),
                  is_ca: bool = False) -> tuple[Path, Path, object, object]:
     """Write ``name.key`` / ``name.crt``; signed by ``ca`` = (cert, key) or self-signed.  Returns paths and objects."""
     import ipaddress
@@ -85,8 +85,9 @@ def _self_signed(dirpath: Path, name: str, *, ca: tuple | None = None, ip: str |
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
          .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
-    if ip:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+    if ips:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
+                            critical=False)
     cert = b.sign(ca[1] if ca else key, hashes.SHA256())
     kp, cp = dirpath / f"{name}.key", dirpath / f"{name}.crt"
     kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
@@ -284,9 +285,10 @@ class Registry:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ca_file: str | None = None
+    shared_storage: Path | None = None  # serve another registry's storage (a TLS twin of a plain one)
 
     def __post_init__(self):
-        self.storage = self.workdir / "storage"
+        self.storage = self.shared_storage or self.workdir / "storage"
         self.log_path = self.workdir / "registry.log"
         self.config_path = self.workdir / "config.yml"
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -342,7 +344,8 @@ class Registry:
         tls = ""
         if self.tls:
             ca = _self_signed(self.workdir, "test-ca", is_ca=True)
-            kp, cp, _, _ = _self_signed(self.workdir, "registry-server", ca=(ca[2], ca[3]), ip="127.0.0.1")
+            kp, cp, _, _ = _self_signed(self.workdir, "registry-server", ca=(ca[2], ca[3]),
+                                          ips=("127.0.0.1", "0.0.0.0"))  # 0.0.0.0: how soci must address it
             self.ca_file = str(ca[1])
             tls = f"  tls:\n    certificate: {cp}\n    key: {kp}\n"
         self.config_path.write_text(
@@ -470,6 +473,24 @@ class Registry:
         return s
 
     _admin_session = admin_session  # the name test_oci.py first used
+
+    def push_manifest(self, repo: str, tag: str, manifest: dict) -> str:
+        """PUT an image manifest (its ``mediaType`` is the content type); returns its digest."""
+        raw = json.dumps(manifest, separators=(",", ":")).encode()
+        with self.admin_session(repo) as s:
+            r = s.put(f"{self.url}/v2/{repo}/manifests/{tag}", data=raw, timeout=30,
+                      headers={"Content-Type": manifest["mediaType"]})
+            if r.status_code != 201:
+                raise RuntimeError(f"manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:200]}")
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def get_manifest(self, repo: str, ref: str) -> dict:
+        with self.admin_session(repo) as s:
+            r = s.get(f"{self.url}/v2/{repo}/manifests/{ref}", timeout=30, headers={"Accept": ", ".join(
+                ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+                 "application/vnd.docker.distribution.manifest.v2+json"))})
+            r.raise_for_status()
+            return r.json()
 
     def push_blob(self, repo: str, data: bytes | str | os.PathLike) -> str:
         """Upload a blob (monolithic: POST an upload, PUT its bytes with ``?digest=``); returns its hex sha256."""
