@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rafsfs.builder import BuildOptions, build
-from rafsfs.errors import CorruptChunk
+from rafsfs.errors import BlobUnavailable, CorruptChunk
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.base import BlobRef
 from rafsfs.storage.backend.localfs import LocalFsBackend
@@ -439,4 +439,51 @@ def test_small_reads_copy_only_their_bytes(image, tmp_path):
         before = cache.metrics.snapshot()["bytes_served"]
         assert img.read(ino, off, 4096, cache) == files["/f4"][off:off + 4096]
         assert cache.metrics.snapshot()["bytes_served"] - before == 4096
+    cache.close()
+
+
+def test_map_without_its_data_file_starts_over(image, tmp_path):
+    """A ready map whose data file vanished (deleted, or a crash between an eviction's two unlinks) never serves
+    the zeros of a fresh data file as verified bytes."""
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    work = tmp_path / "cache"
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(work), readahead=0))
+    ino = img.resolve("/f1")
+    assert img.read(ino, 0, ino.size, cache) == files["/f1"]
+    cache.close()
+    blob_id = img.blobs[0].blob_id
+    (work / f"{blob_id}.blob.data").unlink()
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(work), readahead=0))
+    assert img.read(ino, 0, ino.size, cache) == files["/f1"]
+    assert be.requests, "the chunks were fetched again"
+    cache.close()
+
+
+@pytest.mark.allow_log(r"reading blob")
+def test_backend_bug_fails_the_read_and_never_hangs_later_readers(image, tmp_path):
+    boot, blobs, _ = image
+
+    class Broken(LocalFsBackend):
+        def read(self, blob, offset, size):
+            raise ValueError("boom")
+
+    img = RafsImage.open(str(boot))
+    cache = ChunkCache(Broken(str(blobs)), CacheOptions(work_dir=str(tmp_path / "cache"), readahead=0))
+    ino = img.resolve("/f0")
+    for _ in range(2):  # the second reader must not wait on a future the first one left behind
+        done = threading.Event()
+        errors = []
+
+        def read() -> None:
+            try:
+                img.read(ino, 0, 4096, cache)
+            except Exception as e:
+                errors.append(e)
+            done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert done.wait(30), "reader hung"
+        assert errors and "internal error" in str(errors[0]) and isinstance(errors[0], BlobUnavailable)
     cache.close()

@@ -70,6 +70,7 @@ class ChunkFetcher:
         self.metrics = metrics or CacheMetrics()
         self._workers = max(workers, 1)
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._closed = False
         self._pool_lock = threading.Lock()
 
     def read_range(self, blob: BlobInfo, offset: int, size: int) -> bytes:
@@ -100,7 +101,10 @@ class ChunkFetcher:
         end = group[-1].info.compressed_offset + group[-1].info.compressed_size
         try:
             raw = self.read_range(blob, start, end - start)
-        except RafsError as e:
+        except Exception as e:  # a backend bug must not leave the chunks' readers waiting forever
+            if not isinstance(e, RafsError):
+                log.exception("reading blob %s", blob.ref.name)
+                e = BlobUnavailable(f"blob {blob.ref.name}: internal error: {e}")
             self.metrics.error()
             for c in group:
                 sink(c, None, e)
@@ -111,7 +115,9 @@ class ChunkFetcher:
             o = c.info.compressed_offset - start
             try:
                 data = verify_chunk(blob, c, view[o:o + c.info.compressed_size], self.verify)
-            except RafsError as e:
+            except Exception as e:  # e.g. an unknown digester named by the image: the chunk fails, not the reader
+                if not isinstance(e, RafsError):
+                    e = CorruptChunk(f"blob {blob.ref.name}: chunk {c.ci_index}: {e}")
                 self.metrics.error()
                 log.debug("%s", e)
                 sink(c, None, e)
@@ -130,6 +136,8 @@ class ChunkFetcher:
         """The worker pools: "fetch" runs whole groups (a request, then its chunks), "decode" the chunks of one
         group in parallel.  Two pools, so a group waiting for its chunks never waits for a free worker of its own."""
         with self._pool_lock:
+            if self._closed:
+                raise BlobUnavailable("the chunk source is closed")
             pool = self._pools.get(kind)
             if pool is None:
                 pool = self._pools[kind] = ThreadPoolExecutor(self._workers, thread_name_prefix=f"rafsfs-{kind}")
@@ -137,6 +145,7 @@ class ChunkFetcher:
 
     def close(self) -> None:
         with self._pool_lock:
+            self._closed = True
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.shutdown(wait=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import threading
 
 from ...errors import BlobUnavailable
 from ...image import BlobInfo
@@ -53,22 +52,29 @@ class BlobCacheFile:
             self.map_fd = _open_locked(self.map_path, flags)
         except OSError as e:
             raise BlobUnavailable(f"cannot open cache file {self.map_path}: {e.strerror}") from None
+        n = max(blob.chunk_count, 1)
         try:
-            self.data_fd = os.open(self.data_path, flags, 0o600)
+            # without O_CREAT first: a map whose data file is gone (deleted, or a crash between the two unlinks of
+            # an eviction) must not keep its ready bytes over a fresh, all-zero data file
+            fresh = False
+            try:
+                self.data_fd = os.open(self.data_path, flags & ~os.O_CREAT)
+            except FileNotFoundError:
+                self.data_fd = os.open(self.data_path, flags, 0o600)
+                fresh = True
         except OSError as e:
             os.close(self.map_fd)
             raise BlobUnavailable(f"cannot open cache file {self.data_path}: {e.strerror}") from None
         os.utime(self.map_fd)  # last use, for eviction order
-        n = max(blob.chunk_count, 1)
-        if os.fstat(self.map_fd).st_size != n:
-            # a map of another size belongs to another layout: start over (data first, then the map)
+        short = bool(blob.uncompressed_size) and os.fstat(self.data_fd).st_size < blob.uncompressed_size
+        if fresh or short or os.fstat(self.map_fd).st_size != n:
+            # a new entry, a data file cut short, or a map of another layout: start over (data, then the map)
             os.ftruncate(self.data_fd, 0)
             os.ftruncate(self.map_fd, 0)
             os.ftruncate(self.map_fd, n)
         if blob.uncompressed_size and os.fstat(self.data_fd).st_size < blob.uncompressed_size:
             os.ftruncate(self.data_fd, blob.uncompressed_size)
         self.ready = bytearray(os.pread(self.map_fd, n, 0))
-        self.lock = threading.Lock()
 
     def is_ready(self, ci: int) -> bool:
         return ci < len(self.ready) and self.ready[ci] == 1

@@ -77,6 +77,7 @@ class ChunkCache:
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
         self._seq: dict[str, _Sequence] = {}  # per blob: where on-demand reads are and how far readahead went
         self._ahead_pool: ThreadPoolExecutor | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ ChunkSource
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
@@ -86,7 +87,7 @@ class ChunkCache:
         if not blob.nydus:
             # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
             out: dict[int, bytes] = {}
-            err = self.fetcher.fetch(blob, chunks, lambda c, d, e: out.__setitem__(id(c), d) if d else None)
+            err = self.fetcher.fetch(blob, chunks, lambda c, d, e: out.__setitem__(id(c), d) if d is not None else None)
             if err is not None:
                 raise err
             return [out[id(c)] for c in chunks]
@@ -158,6 +159,7 @@ class ChunkCache:
         mine: list[ChunkRef] = []
         waits: list[Future] = []
         early_error: BaseException | None = None
+        claimed: set[int] = set()
         with self._lock:
             for c in chunks:
                 if bc.is_ready(c.ci_index):
@@ -171,7 +173,7 @@ class ChunkCache:
                     if not background:
                         self.metrics.hit()
                     continue
-                if any(m.ci_index == c.ci_index for m in mine):
+                if c.ci_index in claimed:
                     continue
                 failed = self._failed.get(key)
                 if failed is not None and not background and time.monotonic() - failed[0] < FAILURE_MEMORY:
@@ -183,6 +185,7 @@ class ChunkCache:
                 fut = Future()
                 self._inflight[key] = fut
                 mine.append(c)
+                claimed.add(c.ci_index)
                 if background:
                     self.metrics.prefetched()
                 else:
@@ -211,6 +214,7 @@ class ChunkCache:
                merge_limit: int | None = None, remember_failures: bool = False) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way."""
         failed: list[RafsError] = []
+        settled: set[int] = set()
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
@@ -229,9 +233,16 @@ class ChunkCache:
             elif self._failed:
                 with self._lock:
                     self._failed.pop((bc.name, c.ci_index), None)
+            settled.add(c.ci_index)
             self._settle(bc, c, err)
 
-        error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit)
+        try:
+            error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit)
+        finally:
+            # whatever happened, no chunk this call claimed may stay in flight: its readers would wait forever
+            for c in chunks:
+                if c.ci_index not in settled:
+                    self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in chunks)
@@ -273,6 +284,8 @@ class ChunkCache:
             if start >= end:
                 return
             st.until = end
+            if self._closed:
+                return
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
@@ -289,10 +302,14 @@ class ChunkCache:
             self.ensure(blob, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
+        except Exception:  # nobody reads this future: a bug here must still be seen
+            log.exception("readahead of blob %s", blob.ref.name)
 
     def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
         with self._lock:
-            fut = self._inflight.pop((bc.name, c.ci_index))
+            fut = self._inflight.pop((bc.name, c.ci_index), None)
+        if fut is None:
+            return
         if exc is None:
             fut.set_result(None)
         else:
@@ -307,12 +324,14 @@ class ChunkCache:
                       self.opts.work_dir, self.opts.max_size)
 
     def close(self) -> None:
+        """Stop background work, then the fetcher's workers (they write into the cache files), then the files."""
         with self._lock:
             pool, self._ahead_pool = self._ahead_pool, None
+            self._closed = True
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self.fetcher.close()
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
-        self.fetcher.close()

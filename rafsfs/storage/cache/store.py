@@ -86,8 +86,9 @@ def remove_entry(work_dir: str, name: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        # data first: an entry with a map but no data would look ready to nobody (sizes are re-checked on open)
-        for path in (os.path.join(work_dir, name + DATA_SUFFIX), map_path):
+        # the map first: a data file without its map is just fetched again (and an opener resets a map whose data
+        # file is missing, so a crash between the two unlinks is safe either way)
+        for path in (map_path, os.path.join(work_dir, name + DATA_SUFFIX)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
