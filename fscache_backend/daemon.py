@@ -275,7 +275,9 @@ class Daemon:
             os.set_inheritable(msg.fd, False)
             obj = Obj(msg.object_id, msg.fd, kind, msg.volume_key, msg.cookie_key, size, data_fd)
             protocol.copen(self.devfd, msg.msg_id, size)
-        except (KeyError, OSError, RafsError) as e:
+        except Exception as e:  # a refused OPEN must be answered, whatever went wrong
+            if not isinstance(e, (KeyError, OSError, RafsError)):
+                log.exception("OPEN %d: internal error", msg.msg_id)
             code = open_errno(e)
             self.stats["open_errors"] += 1
             log.warning("OPEN %d (volume %s, cookie %s) refused: %s", msg.msg_id, msg.volume_key, msg.cookie_key,
@@ -436,6 +438,11 @@ class Daemon:
             if not background:
                 raise
             log.warning("read-ahead of blob %s failed: %s", blob.blob_id, e)
+        except Exception:
+            if not background:
+                raise
+            # a background task's exception would end the nursery, and with it every mount of the machine
+            log.exception("read-ahead of blob %s failed: internal error", blob.blob_id)
         finally:
             self._settle(obj, [c.ci_index for c in chunks], done)
             if background:
@@ -493,7 +500,9 @@ class Daemon:
             try:
                 req = json.loads(buf)
                 reply = {"ok": True, **await self._handle(req)}
-            except (RafsError, OSError, ValueError, KeyError, TypeError) as e:
+            except Exception as e:  # any request, however malformed, gets an answer, never the daemon's end
+                if not isinstance(e, (RafsError, OSError, ValueError, KeyError, TypeError, AttributeError)):
+                    log.exception("control request failed")
                 reply = {"ok": False, "error": str(e) if isinstance(e, RafsError) else f"{type(e).__name__}: {e}"}
             data = memoryview(json.dumps(reply).encode() + b"\n")
             try:

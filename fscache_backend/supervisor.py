@@ -89,16 +89,16 @@ def run(settings: Settings, first_mount: dict, verbose: bool = False,
             if not first.is_alive() and not result and not restarts:
                 first.start()
             rc = child.wait()
-            if rc >= 0 or stopping:
-                if rc != 0:
-                    log.error("fscache daemon exited with status %d", rc)
+            if rc == 0 or stopping:
                 break
+            # killed, or died of an internal error: either way the mounts need a daemon again (restore)
+            why = signal.Signals(-rc).name if rc < 0 else f"exit status {rc}"
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
             if len(restarts) > MAX_RESTARTS:
                 log.error("fscache daemon died %d times within %.0f s: giving up", len(restarts), RESTART_WINDOW)
                 break
-            log.warning("fscache daemon pid %d died (%s): restarting it", child.pid, signal.Signals(-rc).name)
+            log.warning("fscache daemon pid %d died (%s): restarting it", child.pid, why)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -219,7 +219,11 @@ def _start_daemon(argv: list[str], mountpoint: str, log_file: str) -> "subproces
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  start_new_session=True, close_fds=True)
     if not _wait_mounted(mountpoint, child):
-        child.kill()
+        try:  # the whole session: an fscache supervisor's daemon, not just the direct child
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
         with open(log_file, "rb") as f:
             lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
         last = lines[-1].removeprefix("rafsfs: error: ") if lines else "daemon exited"
