@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -117,6 +118,18 @@ class RegistryBackend(BlobBackend):
 
     def _request_endpoint(self, ep: Endpoint, method: str, path: str, headers: dict[str, str],
                           deadline: float) -> tuple[requests.Response, bytes]:
+        r = self._send(ep, method, path, headers, deadline, ok=(200, 206), stream=True, describe=_describe)
+        if method == "HEAD":
+            r.close()
+            return r, b""
+        return r, self._body(r, deadline)
+
+    def _send(self, ep: Endpoint, method: str, path: str, headers: dict[str, str], deadline: float, *,
+              ok: tuple[int, ...], stream: bool, describe: "Callable[[requests.Response, str], str]",
+              body: Any = None) -> requests.Response:
+        """One request with auth (a 401 re-authenticates once), retries with backoff on connection errors, 429 and
+        5xx, all within ``deadline``; returns the response with a status in ``ok`` (the caller reads and closes
+        it), else raises :class:`BlobUnavailable` with ``describe(response, url)`` or the last error."""
         url = ep.base_url + path
         delay = 0.2
         reauthed = False
@@ -135,13 +148,11 @@ class RegistryBackend(BlobBackend):
             try:
                 with self._lock:
                     self.requests_sent += 1
-                r = self.session.request(method, url, headers=h, allow_redirects=True, stream=True,
+                r = self.session.request(method, url, headers=h, data=body() if callable(body) else body,
+                                         allow_redirects=True, stream=stream,
                                          timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
-                if r.status_code in (200, 206):
-                    if method == "HEAD":
-                        r.close()
-                        return r, b""
-                    return r, self._body(r, deadline)
+                if r.status_code in ok:
+                    return r
                 r.close()
             except requests.exceptions.SSLError as e:
                 m = _SSL_REASON.search(str(e))
@@ -156,7 +167,7 @@ class RegistryBackend(BlobBackend):
                     continue
                 err = f"{method} {url}: HTTP {r.status_code}"
                 if r.status_code not in _RETRY_STATUS:
-                    raise BlobUnavailable(_describe(r, url))
+                    raise BlobUnavailable(describe(r, url))
             attempt += 1
             if attempt > self.cfg.retry_limit:
                 raise BlobUnavailable(f"{err} (gave up after {attempt} attempts)")
@@ -256,49 +267,19 @@ class RegistryBackend(BlobBackend):
     def request(self, method: str, path: str, headers: dict[str, str] | None = None, *, body: Any = None,
                 ok: tuple[int, ...] = (200,), stream: bool = False) -> requests.Response:
         """One request to the origin registry (``path`` starts with ``/v2/``) with this backend's auth (the
-        challenge decides the token scope, so pushes get ``pull,push``) and retries: manifests and uploads for
-        rafsfs.oci.  ``body`` is bytes or a callable returning a fresh body (an opened file) per attempt.  A
-        status in ``ok`` returns the response (the caller reads and closes it); any other raises
+        challenge decides the token scope, so pushes get ``pull,push``), retries and deadline: manifests and
+        uploads for rafsfs.oci.  ``body`` is bytes or a callable returning a fresh body (an opened file) per
+        attempt.  A status in ``ok`` returns the response (the caller reads and closes it); any other raises
         :class:`BlobUnavailable` with a one-line reason."""
-        url = self.origin.base_url + path
-        deadline = time.monotonic() + self.deadline
-        reauthed, attempt, delay = False, 0, 0.2
-        while True:
-            h = dict(headers or {})
-            auth = self._auth_for(self.origin, deadline)
-            if auth:
-                h["Authorization"] = auth
-            try:
-                with self._lock:
-                    self.requests_sent += 1
-                r = self.session.request(method, url, headers=h, data=body() if callable(body) else body,
-                                         stream=stream, allow_redirects=True,
-                                         timeout=(self.cfg.connect_timeout, self.cfg.timeout))
-            except requests.exceptions.SSLError as e:
-                m = _SSL_REASON.search(str(e))
-                raise BlobUnavailable(f"TLS with {self.origin.base_url} failed "
-                                      f"({m.group(1).strip() if m else 'handshake'})") from None
-            except requests.RequestException as e:
-                err = f"{method} {url}: {type(e).__name__}"
-            else:
-                if r.status_code in ok:
-                    return r
-                r.close()
-                if r.status_code == 401 and not reauthed:
-                    reauthed = True
-                    self._authenticate(self.origin, r)
-                    continue
-                err = f"{method} {url}: HTTP {r.status_code}"
-                if r.status_code in (401, 403):
-                    raise BlobUnavailable(f"access denied: {err}: check the registry credentials")
-                if r.status_code not in _RETRY_STATUS:
-                    raise BlobUnavailable(err)
-            attempt += 1
-            if attempt > self.cfg.retry_limit:
-                raise BlobUnavailable(f"{err} (gave up after {attempt} attempts)")
-            log.info("%s; retrying in %.1fs", err, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        return self._send(self.origin, method, path, dict(headers or {}), time.monotonic() + self.deadline,
+                          ok=ok, stream=stream, describe=_describe_api, body=body)
+
+
+def _describe_api(r: requests.Response, url: str) -> str:
+    err = f"{r.request.method} {url}: HTTP {r.status_code}"
+    if r.status_code in (401, 403):
+        return f"access denied: {err}: check the registry credentials"
+    return err
 
 
 def _describe(r: requests.Response, url: str) -> str:
