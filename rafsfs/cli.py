@@ -365,12 +365,11 @@ def _start_prefetch(args: argparse.Namespace, image: RafsImage, source: ChunkSou
                     cfg: "RafsConfig | None") -> "Prefetcher | None":
     """Background prefetch into the chunk cache: the image's prefetch table and whole blobs as the config's
     ``fs_prefetch`` says (the table by default when no config is given), plus ``--prefetch-files``."""
-    from .storage.cache.prefetch import PrefetchPlan, start_prefetch
+    from .storage.cache.prefetch import plan_for, start_prefetch
 
     paths = _read_prefetch_list(args.prefetch_files) if args.prefetch_files else []
-    pf = cfg.prefetch if cfg is not None and args.config else None
-    plan = PrefetchPlan(use_table=pf.enable if pf else True, paths=paths, whole_blobs=bool(pf and pf.prefetch_all))
-    return start_prefetch(image, source, plan, threads=pf.threads if pf else 2)
+    plan, threads = plan_for(cfg.prefetch if cfg is not None and args.config else None, paths)
+    return start_prefetch(image, source, plan, threads)
 
 
 def _cache_dir(args: argparse.Namespace) -> str:

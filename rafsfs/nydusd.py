@@ -168,15 +168,14 @@ def _prefetch_paths(value: str | None) -> list[str]:
 def _start_prefetch(args: argparse.Namespace, image, source, cfg):
     """Background prefetch as nydusd does it: ``fs_prefetch.enable`` reads the image's prefetch table,
     ``fs_prefetch.prefetch_all`` then every blob; ``--prefetch-files`` adds paths.  Always behind on-demand reads."""
-    from .storage.cache.prefetch import PrefetchPlan, start_prefetch
+    from .storage.cache.prefetch import plan_for, start_prefetch
 
     paths = _prefetch_paths(args.prefetch_files)
     pf = cfg.prefetch if cfg is not None else None
     if source is None or not (paths or (pf is not None and pf.enable)):
         return None
-    plan = PrefetchPlan(use_table=bool(pf and pf.enable), paths=paths,
-                        whole_blobs=bool(pf and pf.enable and pf.prefetch_all))
-    return start_prefetch(image, source, plan, threads=max(1, min(pf.threads if pf else 2, 4)))
+    plan, threads = plan_for(pf, paths)
+    return start_prefetch(image, source, plan, threads)
 
 
 def run_singleton(args: argparse.Namespace) -> int:

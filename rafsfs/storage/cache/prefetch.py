@@ -10,11 +10,15 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ...errors import RafsError
 from ...image import ChunkRef, RafsImage
 from ...format.inode import LAYOUT_CHUNK_BASED
 from .chunk_cache import ChunkCache
+
+if TYPE_CHECKING:
+    from ...config import PrefetchConfig
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +169,16 @@ class Prefetcher:
     def stop(self) -> None:
         self._stop.set()
         self.join(timeout=30)
+
+
+def plan_for(pf: "PrefetchConfig | None", paths: list[str]) -> tuple[PrefetchPlan, int]:
+    """(plan, threads) by nydusd's rules: ``fs_prefetch.enable`` reads the image's prefetch table,
+    ``prefetch_all`` (with ``enable``) then every blob; ``paths`` (``--prefetch-files``) add to it.  Without a
+    prefetch section (no config) the table is read: an image built with a prefetch list asks for it."""
+    if pf is None:
+        return PrefetchPlan(use_table=True, paths=paths), 2
+    return (PrefetchPlan(use_table=pf.enable, paths=paths, whole_blobs=pf.enable and pf.prefetch_all),
+            max(1, min(pf.threads, 4)))
 
 
 def start_prefetch(image: RafsImage, source: object, plan: PrefetchPlan, threads: int = 2) -> Prefetcher | None:
