@@ -55,6 +55,39 @@ def _kernel_config() -> dict[str, str] | None:
     return None
 
 
+# filesystems cachefiles can keep its cache files on (it needs xattrs and SEEK_DATA/SEEK_HOLE on regular files);
+# on others (tmpfs, overlayfs, 9p, NFS...) `bind` fails with EOPNOTSUPP only after a daemon has started
+CACHE_FILESYSTEMS = ("ext4", "ext3", "xfs", "btrfs", "f2fs")
+
+
+def filesystem_of(path: str) -> str | None:
+    """The type of the filesystem ``path`` (or its nearest existing ancestor) lives on, from mountinfo."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != "/":
+        path = os.path.dirname(path)
+    path = os.path.realpath(path)
+    best, fstype = -1, None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].encode().decode("unicode_escape")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
+                    best, fstype = len(mnt), right.split()[0]
+    except (OSError, IndexError):
+        return None
+    return fstype
+
+
+def cache_dir_problem(cache_dir: str) -> str | None:
+    """Why ``cache_dir`` cannot hold cachefiles' cache, or None when its filesystem is one cachefiles supports."""
+    fstype = filesystem_of(cache_dir)
+    if fstype is None or fstype in CACHE_FILESYSTEMS:
+        return None
+    return (f"the fscache cache directory {cache_dir} is on {fstype}, which cachefiles cannot use "
+            f"(set RAFSFS_FSCACHE_DIR to a directory on {'/'.join(CACHE_FILESYSTEMS[:3])})")
+
+
 def probe() -> tuple[bool, str]:
     """(supported, why): can this kernel run EROFS over on-demand cachefiles?  Read from the kernel config when it
     is available, otherwise from /dev/cachefiles and /proc/filesystems (the bind itself is the final word)."""

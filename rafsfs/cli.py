@@ -206,6 +206,13 @@ def _mode(requested: str) -> str:
     from fscache_backend.device import probe  # the CLI is where backends are composed
 
     ok, why = probe()
+    if ok:
+        from fscache_backend.device import cache_dir_problem
+        from fscache_backend.settings import Settings
+
+        problem = cache_dir_problem(Settings.from_env().cache_dir)
+        if problem is not None:
+            ok, why = False, problem
     if requested == "fscache" and not ok:
         raise RafsError(f"--mode fscache is not available: {why} (use --mode fuse or auto)")
     if requested == "auto":

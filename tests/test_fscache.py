@@ -251,3 +251,24 @@ def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
     assert data[:5000] == b"\1" * 5000 and data[5000:8192] == bytes(3192)
     assert data[8192:8292] == b"\2" * 100 and data[8292:12288] == bytes(3996)
     assert data[12288:20480] == bytes(8192) and data[20480:24576] == b"\3" * 4096 and len(data) == 24576
+
+
+def test_cache_dir_filesystem_is_checked_before_any_daemon_starts(tmp_path):
+    """cachefiles cannot keep its cache on tmpfs and the like (bind fails with EOPNOTSUPP only after a daemon
+    started): the mode probe names the filesystem instead, so auto picks FUSE and a forced fscache says why."""
+    from fscache_backend.device import CACHE_FILESYSTEMS, cache_dir_problem, filesystem_of
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    t = tmp_path / "shm"
+    t.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "rafsfs-test", str(t)], check=True)
+    try:
+        assert filesystem_of(str(t / "not" / "yet" / "made")) == "tmpfs"  # the nearest existing directory counts
+        problem = cache_dir_problem(str(t / "cache"))
+        assert problem is not None and "tmpfs" in problem and "RAFSFS_FSCACHE_DIR" in problem
+    finally:
+        subprocess.run(["umount", str(t)], check=True)
+    fstype = filesystem_of(str(tmp_path))
+    assert fstype is not None
+    assert (cache_dir_problem(str(tmp_path / "cache")) is None) == (fstype in CACHE_FILESYSTEMS)
