@@ -75,11 +75,8 @@ FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "nlink", "target", "rde
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _xattrs(path: str) -> dict[str, bytes]:

@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Chunks of images that record no digests (plain EROFS) are counted as unverified.", data)
     p.add_argument("bootstrap", metavar="BOOTSTRAP", help="bootstrap or EROFS image file")
 
-    p = command("mount", cmd_mount, "mount an image (FUSE); data is fetched lazily",
+    p = command("mount", cmd_mount, "mount an image (FUSE or kernel EROFS over fscache); data is fetched lazily",
                 "Mount the image at MOUNTPOINT read-only.  File data is read on demand through the configured "
                 "backend and chunk cache.  Runs in the background unless --foreground; stop it with "
                 "'rafsfs umount MOUNTPOINT' or SIGTERM, which unmount cleanly.", data)

@@ -14,7 +14,6 @@ when a test fails.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry_env import Registry as TestRegistry
+from treeutil import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CACHE = Path(os.environ.get("RAFSFS_CI_CACHE", "/var/cache/rafsfs-ci"))
@@ -63,14 +63,6 @@ def gzip_file(src: Path, dst: Path, level: int = 1) -> None:
         with open(src, "rb") as f, gzip.open(tmp, "wb", compresslevel=level, mtime=0) as g:
             shutil.copyfileobj(f, g, 1 << 20)
     os.replace(tmp, dst)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -277,12 +277,9 @@ class Entry:
     hardlinks: tuple[bytes, ...] | None = None  # sorted paths sharing this inode, when more than one
 
 
-def _sha256(path: bytes) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: bytes | str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -307,7 +304,7 @@ def snapshot_tree(root: Path | str | bytes) -> dict[bytes, Entry]:
         e = Entry(_TYPES.get(fmt, f"?{fmt:o}"), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                   xattrs=_xattrs(path))
         if fmt == stat.S_IFREG:
-            e.size, e.sha256 = st.st_size, _sha256(path)
+            e.size, e.sha256 = st.st_size, sha256_file(path)
         elif fmt == stat.S_IFLNK:
             e.target = os.readlink(path)
             e.size = st.st_size
