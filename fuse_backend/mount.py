@@ -114,11 +114,13 @@ async def _serve(mountpoint: str, ready) -> None:
 
 
 def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, fsname: str = "rafsfs",
-             ready=None, debug: bool = False) -> None:
-    """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts."""
+             ready=None, debug: bool = False, probe: bool = True) -> None:
+    """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts.
+    ``probe=False``: the caller checks the blobs itself (:func:`probe_blobs`)."""
     mountpoint = os.path.realpath(mountpoint)  # before mounting: afterwards this would ask our own daemon
     preflight(mountpoint)
-    probe_blobs(image, source)
+    if probe:
+        probe_blobs(image, source)
     image.chunk_table()  # parsed once now (~0.2 s for 50k chunks) rather than inside the first read
     inline_max = INLINE_MAX if data_is_local(source) else 0
     ops = RafsOperations(image, RecentChunks(source) if source is not None else None, inline_max=inline_max)

@@ -116,7 +116,7 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
 
 
 def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, ready) -> None:
-    from fuse_backend.mount import preflight, run_fuse  # the front end composes the backend
+    from fuse_backend.mount import preflight, probe_blobs, run_fuse  # the front end composes the backend
 
     from .config import load_config
     from .image import RafsImage
@@ -126,21 +126,50 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
     preflight(mountpoint)
     cfg = load_config(args.config) if args.config else None
     image = RafsImage.open(args.bootstrap)
+    prefetchers: list = []
     try:
-        source = source_from_config(cfg) if cfg is not None else None
+        source = None
+        deferred = None
+        if cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none":
+            # the snapshotter waits for RUNNING: the registry source (an HTTP stack to import, a probe round trip
+            # per blob) is built while the runtime sets the container up, and a failed probe is logged
+            from .storage.deferred import DeferredCache
+
+            def build(metrics):
+                cache = source_from_config(cfg, metrics)
+                try:
+                    probe_blobs(image, cache)  # before the first read is served: it waits for this
+                except RafsError as e:
+                    log.error("%s: reads of this image fail until the registry answers", e)
+                return cache
+
+            source = deferred = DeferredCache(build)
+            deferred.after_build.append(lambda cache: prefetchers.append(_start_prefetch(args, image, cache, cfg)))
+        elif cfg is not None:
+            source = source_from_config(cfg)
         try:
             require_source(image, source)
             if source is not None and cfg is not None:
                 hooks.metrics = source.metrics.snapshot
                 hooks.backend_type = cfg.backend.type
                 hooks.work_dir = cfg.cache.work_dir if cfg.cache.type != "none" else ""
-            prefetcher = _start_prefetch(args, image, source, cfg)
+            if deferred is None:
+                prefetchers.append(_start_prefetch(args, image, source, cfg))
+                on_ready = ready
+            else:
+                def on_ready() -> None:
+                    if ready is not None:
+                        ready()
+                    deferred.start()
             log.info("mounting %s on %s (fuse)", args.bootstrap, mountpoint)
             try:
-                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=ready)
+                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=on_ready, probe=deferred is None)
             finally:
-                if prefetcher is not None:
-                    prefetcher.stop()
+                if deferred is not None:
+                    deferred.seal()  # no prefetcher starts after this
+                for prefetcher in prefetchers:
+                    if prefetcher is not None:
+                        prefetcher.stop()
         finally:
             if source is not None:
                 source.close()

@@ -487,3 +487,71 @@ def test_backend_bug_fails_the_read_and_never_hangs_later_readers(image, tmp_pat
         assert done.wait(30), "reader hung"
         assert errors and "internal error" in str(errors[0]) and isinstance(errors[0], BlobUnavailable)
     cache.close()
+
+
+# ---------------------------------------------------------------------------- amplify_io on demand
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
+    """40 incompressible 2-3 KiB files, one chunk each, stored one after the other in a zstd blob."""
+    d = tmp_path_factory.mktemp("small-img")
+    src = d / "src"
+    src.mkdir()
+    rnd = __import__("random").Random(11)
+    files = {}
+    for i in range(40):
+        data = rnd.randbytes(2048 + rnd.randrange(1024))
+        (src / f"s{i:02d}").write_bytes(data)
+        files[f"/s{i:02d}"] = data
+    build(BuildOptions(source=str(src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs"), compressor="zstd"))
+    return d / "boot", d / "blobs", files
+
+
+def test_small_reads_bring_their_neighbours(small_files, tmp_path):
+    """A read that needs less than amplify_io fetches the chunks stored after it in the same request: the next
+    files are then read with no backend request.  The neighbours are decoded (and cached) only when read.  With
+    amplify_io at one byte, each read is its own request."""
+    boot, blobs, files = small_files
+    img = RafsImage.open(str(boot))
+    blob = img.blobs[0]
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c1"), readahead=0))
+    assert img.read(img.resolve("/s00"), 0, 4096, cache) == files["/s00"]
+    assert len(be.requests) == 1
+    assert be.requests[0][1] > 30 * 2048  # one request carried the neighbours
+    s01 = img.chunks(img.resolve("/s01"), source=None)[0]
+    assert not cache.is_ready(blob, s01)  # kept as it came, not decompressed or written yet
+    assert _read_all(img, cache) == files
+    assert len(be.requests) == 1
+    assert cache.is_ready(blob, s01)
+    assert cache.metrics.snapshot()["backend_requests"] == 1
+
+    be1 = CountingBackend(str(blobs))
+    cache1 = ChunkCache(be1, CacheOptions(work_dir=str(tmp_path / "c2"), readahead=0, amplify_io=1))
+    assert _read_all(img, cache1) == files
+    assert len(be1.requests) == len(files)
+
+
+def test_a_corrupt_neighbour_fails_only_its_own_file(small_files, tmp_path, monkeypatch):
+    boot, blobs, files = small_files
+    bad_blobs = tmp_path / "blobs"
+    shutil.copytree(blobs, bad_blobs)
+    img = RafsImage.open(str(boot))
+    blob = img.blobs[0]
+    victim = img.resolve("/s05")
+    c = img.chunks(victim, source=None)[0]
+    path = bad_blobs / blob.blob_id
+    raw = bytearray(path.read_bytes())
+    raw[c.info.compressed_offset + 7] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    be = CountingBackend(str(bad_blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c"), readahead=0))
+    assert img.read(img.resolve("/s00"), 0, 4096, cache) == files["/s00"]  # s05 came along and failed: not ours
+    assert not cache.is_ready(blob, c)
+    for name, data in files.items():
+        if name != "/s05":
+            assert img.read(img.resolve(name), 0, 4096, cache) == data
+    with pytest.raises(CorruptChunk):
+        img.read(victim, 0, 4096, cache)
+    path.write_bytes((blobs / blob.blob_id).read_bytes())
+    monkeypatch.setattr(chunk_cache, "FAILURE_MEMORY", 0.0)  # repaired, and the failure is old: fetched again
+    assert img.read(victim, 0, 4096, cache) == files["/s05"]

@@ -372,3 +372,70 @@ def test_tls_custom_ca_skip_verify_and_untrusted(data_image, tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and "certificate verify failed" in lines[0] \
             and "ca_file" in lines[0], p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- rafsfs-nydusd
+def _nydusd_mount(boot: Path, cfg: Path, mnt: Path, sock: Path, log: Path):
+    """``rafsfs-nydusd fuse`` as nydus-snapshotter starts it; returns the process once the API says RUNNING."""
+    import subprocess
+    import sys
+
+    from rafsfs.api import ApiClient
+
+    mnt.mkdir(exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-m", "rafsfs.nydusd", "fuse", "--config", str(cfg), "--bootstrap",
+                          str(boot), "--mountpoint", str(mnt), "--apisock", str(sock), "--log-file", str(log)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "no API socket"
+        time.sleep(0.02)
+    assert ApiClient(str(sock)).daemon_info()["state"] == "RUNNING"  # the query waits for the mount
+    return p
+
+
+def _nydusd_stop(p, mnt: Path) -> None:
+    import signal
+    import subprocess
+
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        assert p.wait(30) == 0
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)])
+
+
+@needs_fuse
+def test_nydusd_reads_the_registry_and_a_dead_registry_is_eio_not_a_hang(data_image, tmp_path):
+    """rafsfs-nydusd reports RUNNING before its registry source is built (that happens while the runtime sets the
+    container up); reads then come from the registry.  With the registry gone the mount still comes up (the
+    snapshotter waits for it), reads fail with EIO, and the log says why in one line."""
+    boot, blob, files = data_image
+    with start_registry(tmp_path / "reg") as reg:
+        digest = reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        mnt, log = tmp_path / "mnt", tmp_path / "nydusd.log"
+        p = _nydusd_mount(boot, cfg, mnt, tmp_path / "api.sock", log)
+        try:
+            for path, data in files.items():
+                assert (mnt / path.lstrip("/")).read_bytes() == data
+            assert reg.blob_gets(digest)
+        finally:
+            _nydusd_stop(p, mnt)
+        reg.kill()
+        cfg2 = _write_config(tmp_path / "nydusd2.json", dict(reg.nydusd_config(REPO, tmp_path / "cache2")))
+        log2 = tmp_path / "nydusd2.log"
+        p = _nydusd_mount(boot, cfg2, mnt, tmp_path / "api2.sock", log2)
+        try:
+            t0 = time.monotonic()
+            got, _ = _timed_read(mnt / "small" / "f3", 0, 4096, limit=60)
+            assert got == errno.EIO
+            assert time.monotonic() - t0 < 60
+        finally:
+            _nydusd_stop(p, mnt)
+    errors = [line for line in log2.read_text().splitlines() if " ERROR " in line]
+    assert errors and any("cannot read blob" in line for line in errors), log2.read_text()
+    assert "Traceback" not in log2.read_text()

@@ -23,13 +23,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY_IO = 1 << 20  # Nydus's default: merge adjacent chunk reads up to 1 MiB per backend request
 DEFAULT_WORKERS = 8
+# chunks this close are fetched in one request, the bytes between them read and dropped: uncompressed blobs pad
+# every chunk to 4 KiB so that the kernel can map it, which leaves a gap of up to 4 KiB - 1 after each
+MERGE_GAP = 4095
 
 # called once per chunk, from a worker thread, with the verified bytes or the error that chunk met
 ChunkSink = Callable[[ChunkRef, "bytes | None", "RafsError | None"], None]
+# gets the stored (compressed, unverified) bytes of a chunk that came along with a request
+RawSink = Callable[[ChunkRef, bytes], None]
 
 
 def merge_ranges(chunks: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
-    """Group chunks (sorted by compressed offset) whose compressed ranges are contiguous, up to ``limit`` bytes."""
+    """Group chunks (sorted by compressed offset) whose compressed ranges are contiguous or at most
+    :data:`MERGE_GAP` bytes apart, up to ``limit`` bytes per group."""
     groups: list[list[ChunkRef]] = []
     for c in sorted(chunks, key=lambda c: c.info.compressed_offset):
         if groups:
@@ -37,7 +43,8 @@ def merge_ranges(chunks: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
             last = g[-1].info
             start = g[0].info.compressed_offset
             end = c.info.compressed_offset + c.info.compressed_size
-            if c.info.compressed_offset == last.compressed_offset + last.compressed_size and end - start <= limit:
+            gap = c.info.compressed_offset - (last.compressed_offset + last.compressed_size)
+            if 0 <= gap <= MERGE_GAP and end - start <= limit:
                 g.append(c)
                 continue
         groups.append([c])
@@ -85,18 +92,39 @@ class ChunkFetcher:
         return data
 
     def fetch(self, blob: BlobInfo, chunks: list[ChunkRef], sink: ChunkSink,
-              merge_limit: int | None = None) -> RafsError | None:
+              merge_limit: int | None = None, along: list[ChunkRef] = (),
+              along_sink: RawSink | None = None) -> RafsError | None:
         """Fetch ``chunks``; ``sink`` gets every chunk exactly once.  Returns the first error met, if any.
-        ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests)."""
-        groups = merge_ranges(chunks, merge_limit or self.amplify_io)
+        ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests).  ``along`` chunks come with
+        the request of a chunk next to them if there is one: ``along_sink`` gets their stored bytes, undecoded."""
+        riders = {c.ci_index for c in along} if along_sink is not None else set()
+        groups = merge_ranges([*chunks, *along] if riders else chunks, merge_limit or self.amplify_io)
+        if riders:  # a request for riders alone is not worth making
+            groups = [g for g in groups if any(c.ci_index not in riders for c in g)]
         if len(groups) <= 1 or self._workers == 1:
-            errors = [self._fetch_group(blob, g, sink) for g in groups]
+            errors = [self._fetch_group(blob, g, sink, riders, along_sink) for g in groups]
         else:
             pool = self._get_pool()
-            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink) for g in groups]]
+            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink, riders, along_sink)
+                                           for g in groups]]
         return next((e for e in errors if e is not None), None)
 
-    def _fetch_group(self, blob: BlobInfo, group: list[ChunkRef], sink: ChunkSink) -> RafsError | None:
+    def decode(self, blob: BlobInfo, c: ChunkRef, raw: bytes | memoryview, sink: ChunkSink) -> RafsError | None:
+        """Decompress and verify one chunk's stored bytes; ``sink`` gets the result either way."""
+        try:
+            data = verify_chunk(blob, c, raw, self.verify)
+        except Exception as e:  # e.g. an unknown digester named by the image: the chunk fails, not the reader
+            if not isinstance(e, RafsError):
+                e = CorruptChunk(f"blob {blob.ref.name}: chunk {c.ci_index}: {e}")
+            self.metrics.error()
+            log.debug("%s", e)
+            sink(c, None, e)
+            return e
+        sink(c, bytes(data), None)
+        return None
+
+    def _fetch_group(self, blob: BlobInfo, group: list[ChunkRef], sink: ChunkSink, riders: set[int] = frozenset(),
+                     along_sink: RawSink | None = None) -> RafsError | None:
         start = group[0].info.compressed_offset
         end = group[-1].info.compressed_offset + group[-1].info.compressed_size
         try:
@@ -107,23 +135,20 @@ class ChunkFetcher:
                 e = BlobUnavailable(f"blob {blob.ref.name}: internal error: {e}")
             self.metrics.error()
             for c in group:
-                sink(c, None, e)
+                if c.ci_index not in riders:
+                    sink(c, None, e)
             return e
         view = memoryview(raw)
+        if riders:
+            for c in group:
+                if c.ci_index in riders and len(raw) >= c.info.compressed_offset + c.info.compressed_size - start:
+                    o = c.info.compressed_offset - start
+                    along_sink(c, bytes(view[o:o + c.info.compressed_size]))
+            group = [c for c in group if c.ci_index not in riders]
 
         def decode(c: ChunkRef) -> RafsError | None:
             o = c.info.compressed_offset - start
-            try:
-                data = verify_chunk(blob, c, view[o:o + c.info.compressed_size], self.verify)
-            except Exception as e:  # e.g. an unknown digester named by the image: the chunk fails, not the reader
-                if not isinstance(e, RafsError):
-                    e = CorruptChunk(f"blob {blob.ref.name}: chunk {c.ci_index}: {e}")
-                self.metrics.error()
-                log.debug("%s", e)
-                sink(c, None, e)
-                return e
-            sink(c, bytes(data), None)
-            return None
+            return self.decode(blob, c, view[o:o + c.info.compressed_size], sink)
 
         if len(group) > 1 and self._workers > 1:
             # one request brought several chunks: decompress and verify them on several cores, in order of need

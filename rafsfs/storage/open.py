@@ -10,6 +10,7 @@ from ..errors import BlobUnavailable
 from .backend.base import BlobBackend
 from .backend.localfs import LocalFsBackend
 from .cache.chunk_cache import CacheOptions, ChunkCache
+from .cache.metrics import CacheMetrics
 from .direct import DirectChunkSource
 
 
@@ -22,13 +23,14 @@ def backend_from_config(cfg: RafsConfig) -> BlobBackend:
     return LocalFsBackend(cfg.backend.blob_dir, cfg.backend.devices)
 
 
-def source_from_config(cfg: RafsConfig) -> DirectChunkSource | ChunkCache:
+def source_from_config(cfg: RafsConfig, metrics: CacheMetrics | None = None) -> DirectChunkSource | ChunkCache:
     """The configured backend, behind the chunk cache unless the config says ``none``."""
     backend = backend_from_config(cfg)
     if cfg.cache.type == "none":
         return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io)
     return ChunkCache(backend, CacheOptions(work_dir=cfg.cache.work_dir, verify=cfg.digest_validate,
-                                            amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size))
+                                            amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size),
+                      metrics=metrics)
 
 
 def config_from_args(blob_dir: str | None, devices: Sequence[str] | None,

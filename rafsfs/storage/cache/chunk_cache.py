@@ -19,20 +19,22 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
 from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
 from ..backend.base import BlobBackend
-from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher
+from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, MERGE_GAP, ChunkFetcher
 from . import store
 from .blob_file import BlobCacheFile, entry_name
 from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 
-_EVICT_CHECK_BYTES = 64 << 20
-FAILURE_MEMORY = 1.0  # seconds an on-demand fetch failure is answered from memory  # with a size cap, look at the directory's usage after this many new bytes
+_EVICT_CHECK_BYTES = 64 << 20  # with a size cap, look at the directory's usage after this many new bytes
+FAILURE_MEMORY = 1.0  # seconds an on-demand fetch failure is answered from memory
+RIDER_MEMORY = 32 << 20  # bytes of neighbour chunks kept as they came, until read (oldest dropped first)
 
 
 @dataclass
@@ -77,6 +79,8 @@ class ChunkCache:
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
         self._seq: dict[str, _Sequence] = {}  # per blob: where on-demand reads are and how far readahead went
         self._ahead_pool: ThreadPoolExecutor | None = None
+        self._riders: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
+        self._rider_bytes = 0
         self._closed = False
 
     # ------------------------------------------------------------------ ChunkSource
@@ -94,7 +98,7 @@ class ChunkCache:
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
             self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks)
+        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
         out_list = []
         for c in chunks:
             data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
@@ -115,7 +119,7 @@ class ChunkCache:
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
             self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks)
+        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
         out = []
         for s in slices:
             data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
@@ -152,9 +156,9 @@ class ChunkCache:
             return self._idle.wait_for(lambda: self._demand == 0, timeout)
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
-               merge_limit: int | None = None) -> list[ChunkRef]:
+               merge_limit: int | None = None, along: list[ChunkRef] = ()) -> list[ChunkRef]:
         """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
-        thread right now are waited for instead of fetched again."""
+        thread right now are waited for instead of fetched again.  ``along``: see :meth:`_neighbours`."""
         bc = self._blob(blob)
         mine: list[ChunkRef] = []
         waits: list[Future] = []
@@ -195,7 +199,8 @@ class ChunkCache:
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, remember_failures=not background) or error
+                error = self._fetch(blob, bc, mine, merge_limit, remember_failures=not background,
+                                    along=along) or error
             for f in waits:
                 exc = f.exception()
                 if exc is not None and error is None:
@@ -210,11 +215,13 @@ class ChunkCache:
             raise error
         return chunks
 
-    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef],
-               merge_limit: int | None = None, remember_failures: bool = False) -> RafsError | None:
-        """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way."""
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
+               remember_failures: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
+        """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
+        Chunks whose stored bytes came along with an earlier request are decoded from memory."""
         failed: list[RafsError] = []
         settled: set[int] = set()
+        claimed = chunks
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
@@ -237,21 +244,79 @@ class ChunkCache:
             self._settle(bc, c, err)
 
         try:
-            error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit)
+            error = None
+            if self._riders:
+                with self._lock:
+                    kept = [(c, self._take_rider(bc.name, c.ci_index)) for c in chunks]
+                chunks = [c for c, raw in kept if raw is None]
+                for c, raw in kept:
+                    if raw is not None:
+                        error = self.fetcher.decode(blob, c, raw, store_chunk) or error
+            if chunks:
+                mine = {c.ci_index for c in claimed}
+                along = [c for c in along if c.ci_index not in mine]
+                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, along=along,
+                                           along_sink=lambda c, raw: self._keep_rider(bc, c, raw)) or error
         finally:
             # whatever happened, no chunk this call claimed may stay in flight: its readers would wait forever
-            for c in chunks:
+            for c in claimed:
                 if c.ci_index not in settled:
                     self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
         if self.opts.max_size:
             with self._lock:
-                self._since_evict += sum(c.info.uncompressed_size for c in chunks)
+                self._since_evict += sum(c.info.uncompressed_size for c in claimed)
                 due = self._since_evict >= _EVICT_CHECK_BYTES
                 if due:
                     self._since_evict = 0
             if due:
                 self._evict()
         return error or (failed[0] if failed else None)
+
+    def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
+                    chunks: list[ChunkRef]) -> list[ChunkRef]:
+        """Nydus's ``amplify_io`` for on-demand reads: the chunks stored right after a read's, while the request
+        stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the same time, and
+        files read together (a program's libraries and modules, one directory's files) are stored together.  The
+        neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if read: no CPU
+        is spent on chunks nobody asks for."""
+        limit = self.opts.amplify_io
+        missing = [c for c in chunks if not bc.is_ready(c.ci_index)]
+        if not missing or limit <= 0:
+            return []
+        start = min(c.info.compressed_offset for c in missing)
+        last = max(missing, key=lambda c: c.info.compressed_offset)
+        end = last.info.compressed_offset + last.info.compressed_size
+        out: list[ChunkRef] = []
+        ci = last.ci_index + 1
+        while ci < blob.chunk_count and end < start + limit and not bc.is_ready(ci):
+            if (bc.name, ci) in self._riders:
+                break  # came along with an earlier request: what follows did too
+            info, digest = image.chunk_info(blob.index, ci, self)
+            if not 0 <= info.compressed_offset - end <= MERGE_GAP or \
+                    info.compressed_offset + info.compressed_size > start + limit:
+                break
+            out.append(ChunkRef(blob.index, ci, info, digest))
+            end = info.compressed_offset + info.compressed_size
+            ci += 1
+        return out
+
+    def _keep_rider(self, bc: BlobCacheFile, c: ChunkRef, raw: bytes) -> None:
+        with self._lock:
+            key = (bc.name, c.ci_index)
+            if key in self._riders or len(raw) > RIDER_MEMORY or bc.is_ready(c.ci_index):
+                return
+            self._riders[key] = raw
+            self._rider_bytes += len(raw)
+            while self._rider_bytes > RIDER_MEMORY:
+                _, old = self._riders.popitem(last=False)
+                self._rider_bytes -= len(old)
+
+    def _take_rider(self, name: str, ci: int) -> bytes | None:
+        """The kept bytes of a chunk, removed from memory (the caller holds the lock)."""
+        raw = self._riders.pop((name, ci), None)
+        if raw is not None:
+            self._rider_bytes -= len(raw)
+        return raw
 
     def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
         """While a blob is read in order, keep a window of the following chunks being fetched in the background,
