@@ -116,7 +116,7 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
 
 
 def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, ready) -> None:
-    from fuse_backend.mount import preflight, probe_blobs, run_fuse  # the front end composes the backend
+    from fuse_backend.mount import prepare_reads, preflight, run_fuse  # the front end composes the backend
 
     from .config import load_config
     from .image import RafsImage
@@ -138,9 +138,9 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
             def build(metrics):
                 cache = source_from_config(cfg, metrics)
                 try:
-                    probe_blobs(image, cache)  # before the first read is served: it waits for this
-                except RafsError as e:
-                    log.error("%s: reads of this image fail until the registry answers", e)
+                    prepare_reads(image, cache)  # before the first read is served: it waits for this
+                except RafsError as e:  # the mount stays up (the snapshotter waits for it); reads say it again
+                    log.error("%s", e)
                 return cache
 
             source = deferred = DeferredCache(build)
@@ -163,7 +163,7 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
                     deferred.start()
             log.info("mounting %s on %s (fuse)", args.bootstrap, mountpoint)
             try:
-                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=on_ready, probe=deferred is None)
+                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=on_ready, eager=deferred is None)
             finally:
                 if deferred is not None:
                     deferred.seal()  # no prefetcher starts after this
