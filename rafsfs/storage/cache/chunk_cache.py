@@ -274,15 +274,15 @@ class ChunkCache:
 
     def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
                     chunks: list[ChunkRef]) -> list[ChunkRef]:
-        """Nydus's ``amplify_io`` for on-demand reads: the chunks stored right after a read's, while the request
-        stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the same time, and
+        """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
+        while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the same time, and
         files read together (a program's libraries and modules, one directory's files) are stored together.  The
         neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if read: no CPU
         is spent on chunks nobody asks for."""
         limit = self.opts.amplify_io
         missing = [c for c in chunks if not bc.is_ready(c.ci_index)]
-        if not missing or limit <= 0:
-            return []
+        if not missing or limit <= 0 or sum(c.info.uncompressed_size for c in missing) >= limit:
+            return []  # a large read: in-order readers get the readahead instead
         start = min(c.info.compressed_offset for c in missing)
         last = max(missing, key=lambda c: c.info.compressed_offset)
         end = last.info.compressed_offset + last.info.compressed_size
