@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from rafsfs.atomic import write_text
 from rafsfs.errors import BadImage, RafsError
 from rafsfs.image import BlobInfo, ChunkRef
 
@@ -535,11 +536,8 @@ class Daemon:
 
     def _write_stats(self) -> None:
         self._stats_dirty = False
-        tmp = self.settings.stats_path + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(self.stats, f)
-            os.replace(tmp, self.settings.stats_path)
+            write_text(self.settings.stats_path, json.dumps(self.stats))
         except OSError as e:
             log.warning("cannot write %s: %s", self.settings.stats_path, e.strerror)
 

@@ -7,6 +7,8 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from rafsfs.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -35,10 +37,7 @@ def _path(mounts_dir: str, fsid: str) -> str:
 
 def save(mounts_dir: str, rec: MountRecord) -> None:
     os.makedirs(mounts_dir, exist_ok=True)
-    tmp = _path(mounts_dir, rec.fsid) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(rec), f)
-    os.replace(tmp, _path(mounts_dir, rec.fsid))
+    write_text(_path(mounts_dir, rec.fsid), json.dumps(asdict(rec)))
 
 
 def remove(mounts_dir: str, fsid: str) -> None:

@@ -314,3 +314,52 @@ def test_mount_and_convert_with_docker_credentials(tmp_path, expected, monkeypat
             treeutil.assert_trees_equal(expected, m.mnt, check_root=False)
         finally:
             m.stop()
+
+
+def test_concurrent_preparations_of_one_image_do_not_trip_over_each_other(reg, converted, tmp_path):
+    """Eight threads preparing the same reference in one work dir at once (eight `rafsfs mount REF` started
+    together): each gets a good bootstrap and config, and no temporary file is left behind."""
+    import threading
+
+    from rafsfs.oci.pull import prepare_mount
+
+    _, dst, _ = converted
+    ref = parse_reference(dst)
+    results, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            results.append(prepare_mount(ref, str(tmp_path / "work")))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(set(results)) == 1
+    boot, cfg = results[0]
+    with RafsImage.open(boot) as img:
+        assert img.blobs
+    assert json.loads(Path(cfg).read_text())["device"]["backend"]["type"] == "registry"
+    leftovers = [p for p in (tmp_path / "work").rglob(".*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_replacing_is_all_or_nothing(tmp_path):
+    from rafsfs.atomic import replacing, write_text
+
+    target = tmp_path / "f"
+    write_text(str(target), "old")
+    with pytest.raises(RuntimeError):
+        with replacing(str(target), "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old"
+    write_text(str(target), "new")
+    assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import platform as _platform
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..atomic import replacing
 from ..errors import RafsError
 from ..storage.backend.registry import RegistryBackend, RegistryConfig
 from .reference import Reference
@@ -201,30 +201,22 @@ class RegistryClient:
     def download_blob(self, desc: Descriptor, dest: str,
                       progress: Callable[[int], None] | None = None) -> str:
         """Stream a blob into ``dest`` (written atomically, after its digest and size are checked)."""
-        d = os.path.dirname(os.path.abspath(dest))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dl-", dir=d)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         h = hashlib.sha256()
         n = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                r = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", stream=True)
-                with r:
-                    for piece in r.iter_content(1 << 20):
-                        n += len(piece)
-                        if n > desc.size:
-                            raise OciError(f"blob {desc.digest} is longer than its {desc.size} bytes")
-                        h.update(piece)
-                        f.write(piece)
-                        if progress:
-                            progress(len(piece))
+        with replacing(dest) as f:
+            r = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", stream=True)
+            with r:
+                for piece in r.iter_content(1 << 20):
+                    n += len(piece)
+                    if n > desc.size:
+                        raise OciError(f"blob {desc.digest} is longer than its {desc.size} bytes")
+                    h.update(piece)
+                    f.write(piece)
+                    if progress:
+                        progress(len(piece))
             if n != desc.size or "sha256:" + h.hexdigest() != desc.digest:
                 raise OciError(f"blob {desc.digest}: got {n} bytes with digest sha256:{h.hexdigest()}")
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return dest
 
     def blob_exists(self, digest: str) -> bool:

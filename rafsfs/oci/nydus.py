@@ -19,6 +19,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 
+from ..atomic import replacing
 from ..errors import BadImage
 from .client import Descriptor, Manifest
 
@@ -94,11 +95,9 @@ def extract_bootstrap(layer_path: str, dest: str) -> None:
                 raise BadImage(f"bootstrap of {member.size} bytes is too large")
             src = tf.extractfile(member)
             assert src is not None
-            tmp = dest + ".tmp"
-            with open(tmp, "wb") as out:
+            with replacing(dest) as out:
                 while piece := src.read(1 << 20):
                     out.write(piece)
-            os.replace(tmp, dest)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as e:
         if isinstance(e, OSError) and e.filename:
             raise

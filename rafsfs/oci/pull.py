@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..atomic import write_text
 from ..errors import BadImage
 from ..image import RafsImage
 from .client import Manifest, RegistryClient
@@ -31,7 +33,8 @@ def _fetch_bootstrap(client: RegistryClient, manifest: Manifest, dest_dir: str) 
     desc = bootstrap_descriptor(manifest)
     if desc.size > MAX_BOOTSTRAP:
         raise BadImage(f"bootstrap layer of {desc.size} bytes is larger than the {MAX_BOOTSTRAP} allowed")
-    layer = os.path.join(dest_dir, f".bootstrap-{desc.hex}.tar.gz")
+    # this process's own copy: another pull or mount of the same image may be fetching it right now
+    layer = os.path.join(dest_dir, f".bootstrap-{desc.hex}-{os.getpid()}-{threading.get_ident()}.tar.gz")
     client.download_blob(desc, layer)
     boot = os.path.join(dest_dir, "image.boot")
     try:
@@ -107,8 +110,5 @@ def prepare_mount(ref: Reference, work_dir: str, *, platform: str | None = None,
             _fetch_bootstrap(client, manifest, dest)
             log.info("%s: fetched bootstrap of %s", ref, manifest.digest)
     cfg_path = os.path.join(dest, "config.json")
-    tmp = cfg_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(mount_config(ref, work_dir, ca_file=ca_file), f, indent=2)
-    os.replace(tmp, cfg_path)
+    write_text(cfg_path, json.dumps(mount_config(ref, work_dir, ca_file=ca_file), indent=2))
     return boot, cfg_path

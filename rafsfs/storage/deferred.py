@@ -19,6 +19,8 @@ from .cache.metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 
+CLOSE_WAIT = 5.0  # seconds close() waits for a build under way
+
 
 class DeferredCache:
     """A :class:`rafsfs.image.ChunkSource` in front of a :class:`ChunkCache` that ``build`` makes once
@@ -96,10 +98,12 @@ class DeferredCache:
     def fully_cached(self, blob: BlobInfo) -> bool:
         return self.get().fully_cached(blob)
 
-    def close(self) -> None:
-        """Close the cache if it was built (waits for a build under way)."""
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Close the cache if it was built.  A build still under way (a probe of a registry that does not answer)
+        gets ``wait`` seconds; after that the daemon stops without it (the thread dies with the process)."""
         self.seal()
-        if self._started:
-            self._done.wait()
+        if self._started and not self._done.wait(wait):
+            log.warning("stopping while the chunk source is still being built")
+            return
         if self._cache is not None:
             self._cache.close()

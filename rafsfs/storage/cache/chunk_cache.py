@@ -18,8 +18,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
@@ -275,10 +275,10 @@ class ChunkCache:
     def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
                     chunks: list[ChunkRef]) -> list[ChunkRef]:
         """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
-        while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the same time, and
-        files read together (a program's libraries and modules, one directory's files) are stored together.  The
-        neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if read: no CPU
-        is spent on chunks nobody asks for."""
+        while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the
+        same time, and files read together (a program's libraries and modules, one directory's files) are stored
+        together.  The neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if
+        read: no CPU is spent on chunks nobody asks for."""
         limit = self.opts.amplify_io
         missing = [c for c in chunks if not bc.is_ready(c.ci_index)]
         if not missing or limit <= 0 or sum(c.info.uncompressed_size for c in missing) >= limit:
