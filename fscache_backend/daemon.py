@@ -46,10 +46,12 @@ WORKERS = 8  # threads fetching / decompressing / writing at once
 READ_TIMEOUT = 120.0  # a READ is completed (then failing with EIO) after this long, whatever the backend does
 WATCH_INTERVAL = 1.0  # how often the mount table is checked for mounts that went away
 BOOTSTRAP_WINDOW = 1 << 20  # bootstrap READs are answered with whole aligned windows of this size
+SYSFS_NAME_MAX = 36  # the kernel's sysfs name of an fscache-mode EROFS mount, "<domain>,<fsid>", cut here
+FSID_ATTEMPTS = 8  # fsids tried for one mount when the kernel says the name is taken
 READ_AHEAD = 2  # after a blob READ, fetch this many times amplify_io more bytes of chunks in the background
 
 
-@dataclass
+@dataclass(eq=False)  # identity: objects are kept in sets
 class Obj:
     """One cache object the kernel opened (a bootstrap or a data blob)."""
 
@@ -86,7 +88,8 @@ class Daemon:
         self.restored = restored
         self.mounts: dict[str, Served] = {}
         self.mounting: set[str] = set()
-        self.retired: list[Served] = []
+        self.retired: list[Served] = []  # unmounted, kept while a cache object may still read through them
+        self.draining: set[Obj] = set()  # CLOSEd objects with READs still running
         self.objects: dict[int, Obj] = {}
         self.limiter = trio.CapacityLimiter(WORKERS)
         self.read_delay = float(os.environ.get("RAFSFS_FSCACHE_READ_DELAY", "0") or 0)  # test hook: slow READs
@@ -157,7 +160,26 @@ class Daemon:
         s = self.mounts.pop(fsid, None)
         state.remove(self.settings.mounts_dir, fsid)
         if s is not None:
-            self.retired.append(s)  # blob objects may still be served through it; closed when the daemon exits
+            self.retired.append(s)  # cache objects of its blobs may still be served through it
+            self._prune_retired()
+
+    def _prune_retired(self) -> None:
+        """Close the retired mounts that no open cache object needs any more: a blob object is served through a
+        live mount that has the blob if there is one, else through a retired one."""
+        if not self.retired:
+            return
+        live = {(m.rec.volume_key, b.blob_id) for m in self.mounts.values() for b in m.image.blobs}
+        needed = {(o.volume, o.key) for o in (*self.objects.values(), *self.draining)} - live
+        keep = []
+        for s in self.retired:
+            if s.users or any((s.rec.volume_key, k) in needed
+                              for k in (s.rec.fsid, *(b.blob_id for b in s.image.blobs))):
+                keep.append(s)
+            else:
+                close_served(s)
+        self.retired = keep
+        self.stats["retired_mounts"] = len(keep)
+        self._stats_dirty = True
 
     async def _mount(self, req: dict) -> dict:
         rec = MountRecord(fsid="", domain_id=self.settings.domain_id, bootstrap=os.path.realpath(req["bootstrap"]),
@@ -167,25 +189,42 @@ class Daemon:
             raise FscacheError(f"mountpoint {rec.mountpoint} is not a directory")
         if fsmount.is_mountpoint(rec.mountpoint):
             raise FscacheError(f"mountpoint {rec.mountpoint} is busy: something is already mounted there")
-        rec.fsid = await trio.to_thread.run_sync(self._fsid, rec.bootstrap)
+        content_id = await trio.to_thread.run_sync(self._content_id, rec.bootstrap)
+        live = set(await trio.to_thread.run_sync(fsmount.mounted_fsids))
         served = await trio.to_thread.run_sync(open_served, rec)
-        self.mounts[rec.fsid] = served
-        self.mounting.add(rec.fsid)
-        state.save(self.settings.mounts_dir, rec)
         try:
-            await trio.to_thread.run_sync(fsmount.mount, rec)
-        except OSError as e:
-            self._forget(rec.fsid)
-            raise FscacheError(f"mount of {rec.bootstrap} on {rec.mountpoint} failed: "
-                               f"{e.strerror} (see dmesg)") from None
-        finally:
-            self.mounting.discard(rec.fsid)
+            for attempt in range(FSID_ATTEMPTS):
+                rec.fsid = self._unique_fsid(content_id, live)
+                self.mounting.add(rec.fsid)  # reserved before the next await: a concurrent mount picks another
+                self.mounts[rec.fsid] = served
+                try:
+                    state.save(self.settings.mounts_dir, rec)
+                    await trio.to_thread.run_sync(fsmount.mount, rec)
+                    break
+                except OSError as e:
+                    self.mounts.pop(rec.fsid, None)
+                    state.remove(self.settings.mounts_dir, rec.fsid)
+                    if e.errno == errno.EEXIST and attempt + 1 < FSID_ATTEMPTS:
+                        # the domain still holds this fsid (an image unmounted moments ago, another daemon's
+                        # mount): the next name will do
+                        log.info("fsid %s is taken in domain %s: trying another", rec.fsid, rec.domain_id)
+                        live.add(rec.fsid)
+                        continue
+                    raise FscacheError(f"mount of {rec.bootstrap} on {rec.mountpoint} failed: "
+                                       f"{e.strerror} (see dmesg)") from None
+                finally:
+                    self.mounting.discard(rec.fsid)
+        except BaseException:
+            close_served(served)
+            raise
         self.had_mounts = True
         log.info("mounted %s on %s (fsid %s, domain %s)", rec.bootstrap, rec.mountpoint, rec.fsid, rec.domain_id)
         return {"fsid": rec.fsid, "mountpoint": rec.mountpoint}
 
-    def _fsid(self, bootstrap: str) -> str:
-        """Content-derived (a cached bootstrap file is reused only for identical bytes), unique among our mounts."""
+    @staticmethod
+    def _content_id(bootstrap: str) -> str:
+        """The base of a mount's fsid: derived from the bootstrap's bytes, so that a cached bootstrap file is
+        reused only for identical bytes."""
         h = hashlib.sha256()
         try:
             with open(bootstrap, "rb") as f:
@@ -193,12 +232,19 @@ class Daemon:
                     h.update(chunk)
         except OSError as e:
             raise BadImage(f"cannot read image {bootstrap}: {e.strerror}") from None
-        base = h.hexdigest()[:40]
-        taken = set(self.mounts) | set(fsmount.mounted_fsids())
+        return h.hexdigest()[:40]
+
+    def _unique_fsid(self, base: str, live: set[str] | list[str]) -> str:
+        """``base``, or for a second, third... mount of the same bootstrap ``base`` cut short + ``-N``: not used by
+        our mounts, mounts being set up, or any EROFS mount of the system.  The kernel names each mount in sysfs
+        ``<domain>,<fsid>`` cut to 36 characters (``s_sysfs_name``) and refuses a second mount with the same
+        name (EEXIST), so names must differ within that length."""
+        keep = SYSFS_NAME_MAX - (len(self.settings.domain_id) + 1 if self.settings.domain_id else 0)
+        taken = {f[:keep] for f in (*self.mounts, *self.mounting, *live)}
         fsid, n = base, 1
-        while fsid in taken:
+        while fsid[:keep] in taken:
             n += 1
-            fsid = f"{base}-{n}"
+            fsid = f"{base[:max(keep - len(str(n)) - 1, 1)]}-{n}"
         return fsid
 
     async def _watch_mounts(self) -> None:
@@ -305,12 +351,27 @@ class Daemon:
         self._drop(obj)
         if obj.kind == "bootstrap":
             self._check_mounts()
+        self._prune_retired()
 
-    @staticmethod
-    def _drop(obj: Obj) -> None:
+    def _drop(self, obj: Obj) -> None:
         obj.closed = True
         if obj.users == 0:
             obj.release()
+        else:
+            self.draining.add(obj)
+
+    def _release_served(self, s: Served) -> None:
+        s.users -= 1
+        if s.users == 0 and s in self.retired:
+            self._prune_retired()
+
+    def _unuse(self, obj: Obj) -> None:
+        """A READ or a read-ahead of ``obj`` is over; the last one of a CLOSEd object releases it."""
+        obj.users -= 1
+        if obj.closed and obj.users == 0:
+            obj.release()
+            self.draining.discard(obj)
+            self._prune_retired()
 
     # ------------------------------------------------------------------------------------------ READ
     async def _read(self, obj: Obj, msg: protocol.ReadMsg) -> None:
@@ -336,9 +397,7 @@ class Daemon:
                 protocol.read_complete(obj.anon_fd, msg.msg_id)
             except OSError as e:
                 log.warning("READ_COMPLETE %d (object %d): %s", msg.msg_id, obj.object_id, e.strerror)
-            obj.users -= 1
-            if obj.closed and obj.users == 0:
-                obj.release()
+            self._unuse(obj)
             st = self.stats
             st["reads"] += 1
             st["reads_" + obj.kind] += 1
@@ -402,6 +461,13 @@ class Daemon:
         their next chunks present)."""
         _, s, blob = self._lookup(obj.volume, obj.key)
         assert blob is not None and s.source is not None
+        s.users += 1
+        try:
+            await self._fill_blob_from(obj, msg, s, blob)
+        finally:
+            self._release_served(s)
+
+    async def _fill_blob_from(self, obj: Obj, msg: protocol.ReadMsg, s: Served, blob: BlobInfo) -> None:
         sync_end = msg.offset + max(msg.length, s.amplify)
         span = min(sync_end + READ_AHEAD * s.amplify, obj.size) - msg.offset
         chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, max(span, msg.length),
@@ -415,6 +481,7 @@ class Daemon:
         gaps = _uncovered(msg.offset, msg.length, [by_ci[k] for k in required])
         if later:
             obj.users += 1
+            s.users += 1
             self.nursery.start_soon(self._fetch_chunks, obj, s, blob, [by_ci[k] for k in later], [], True)
         await self._fetch_chunks(obj, s, blob, [by_ci[k] for k in now], gaps, False)
         for ev in waits:
@@ -447,9 +514,8 @@ class Daemon:
         finally:
             self._settle(obj, [c.ci_index for c in chunks], done)
             if background:
-                obj.users -= 1
-                if obj.closed and obj.users == 0:
-                    obj.release()
+                self._unuse(obj)
+                self._release_served(s)
 
     @staticmethod
     def _write_chunks(obj: Obj, s: Served, blob: BlobInfo, chunks: list[ChunkRef],

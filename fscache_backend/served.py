@@ -14,13 +14,14 @@ from .sources import open_source
 from .state import MountRecord
 
 
-@dataclass
+@dataclass(eq=False)  # identity
 class Served:
     rec: MountRecord
     image: RafsImage
     source: DirectChunkSource | None
     bootstrap_fd: int
     amplify: int  # bytes of blob one READ fetches at least (read-ahead of the chunks after the requested ones)
+    users: int = 0  # READs and read-aheads using it now: an unmounted image is closed only when this is 0
 
 
 def open_served(rec: MountRecord) -> Served:

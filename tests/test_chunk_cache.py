@@ -35,20 +35,24 @@ class CountingBackend(LocalFsBackend):
         return super().read(blob, offset, size)
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
-    d = tmp_path_factory.mktemp("cache-img")
+def _random_image(d: Path, sizes: dict[str, int], seed: int, **opts) -> tuple[Path, Path, dict[str, bytes]]:
+    """Files of random (incompressible) bytes of the given sizes, built into a zstd image in ``d``."""
     src = d / "src"
     src.mkdir()
-    rnd = __import__("random").Random(7)
+    rnd = __import__("random").Random(seed)
     files = {}
-    for i in range(6):
-        data = rnd.randbytes(300_000 + i * 12345)
-        (src / f"f{i}").write_bytes(data)
-        files[f"/f{i}"] = data
-    build(BuildOptions(source=str(src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs"),
-                       compressor="zstd", chunk_size=64 << 10))
+    for name, size in sizes.items():
+        files["/" + name] = rnd.randbytes(size)
+        (src / name).write_bytes(files["/" + name])
+    build(BuildOptions(source=str(src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs"), compressor="zstd",
+                       **opts))
     return d / "boot", d / "blobs", files
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
+    return _random_image(tmp_path_factory.mktemp("cache-img"), {f"f{i}": 300_000 + i * 12345 for i in range(6)},
+                         7, chunk_size=64 << 10)
 
 
 def _read_all(img: RafsImage, cache: ChunkCache) -> dict[str, bytes]:
@@ -103,18 +107,24 @@ def test_single_flight(image, tmp_path):
     assert len(be.requests) == 1
 
 
+def _corrupt_copy(img: RafsImage, blobs: Path, dest: Path, victim_path: str):
+    """A copy of the blob directory with one byte of ``victim_path``'s first chunk flipped: (dir, blob file,
+    the chunk)."""
+    shutil.copytree(blobs, dest)
+    c = img.chunks(img.resolve(victim_path), source=None)[0]
+    path = dest / img.blobs[0].blob_id
+    raw = bytearray(path.read_bytes())
+    raw[c.info.compressed_offset + c.info.compressed_size // 2] ^= 0x55
+    path.write_bytes(bytes(raw))
+    return dest, path, c
+
+
 def test_corrupt_chunk_is_an_error_and_not_cached(image, tmp_path, monkeypatch):
     boot, blobs, files = image
-    bad_blobs = tmp_path / "blobs"
-    shutil.copytree(blobs, bad_blobs)
     img = RafsImage.open(str(boot))
     blob = img.blobs[0]
     victim = img.resolve("/f2")
-    c0 = img.chunks(victim, source=None)[0]
-    path = bad_blobs / blob.blob_id
-    raw = bytearray(path.read_bytes())
-    raw[c0.info.compressed_offset + c0.info.compressed_size // 2] ^= 0x55
-    path.write_bytes(bytes(raw))
+    bad_blobs, path, _ = _corrupt_copy(img, blobs, tmp_path / "blobs", "/f2")
     cache = ChunkCache(LocalFsBackend(str(bad_blobs)), CacheOptions(work_dir=str(tmp_path / "cache"), amplify_io=1))
     with pytest.raises(CorruptChunk):
         img.read(victim, 0, 100, cache)
@@ -493,17 +503,8 @@ def test_backend_bug_fails_the_read_and_never_hangs_later_readers(image, tmp_pat
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
     """40 incompressible 2-3 KiB files, one chunk each, stored one after the other in a zstd blob."""
-    d = tmp_path_factory.mktemp("small-img")
-    src = d / "src"
-    src.mkdir()
-    rnd = __import__("random").Random(11)
-    files = {}
-    for i in range(40):
-        data = rnd.randbytes(2048 + rnd.randrange(1024))
-        (src / f"s{i:02d}").write_bytes(data)
-        files[f"/s{i:02d}"] = data
-    build(BuildOptions(source=str(src), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs"), compressor="zstd"))
-    return d / "boot", d / "blobs", files
+    sizes = {f"s{i:02d}": 2048 + (i * 337) % 1024 for i in range(40)}
+    return _random_image(tmp_path_factory.mktemp("small-img"), sizes, 11)
 
 
 def test_small_reads_bring_their_neighbours(small_files, tmp_path):
@@ -533,16 +534,10 @@ def test_small_reads_bring_their_neighbours(small_files, tmp_path):
 
 def test_a_corrupt_neighbour_fails_only_its_own_file(small_files, tmp_path, monkeypatch):
     boot, blobs, files = small_files
-    bad_blobs = tmp_path / "blobs"
-    shutil.copytree(blobs, bad_blobs)
     img = RafsImage.open(str(boot))
     blob = img.blobs[0]
     victim = img.resolve("/s05")
-    c = img.chunks(victim, source=None)[0]
-    path = bad_blobs / blob.blob_id
-    raw = bytearray(path.read_bytes())
-    raw[c.info.compressed_offset + 7] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    bad_blobs, path, c = _corrupt_copy(img, blobs, tmp_path / "blobs", "/s05")
     be = CountingBackend(str(bad_blobs))
     cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c"), readahead=0))
     assert img.read(img.resolve("/s00"), 0, 4096, cache) == files["/s00"]  # s05 came along and failed: not ours

@@ -272,3 +272,23 @@ def test_cache_dir_filesystem_is_checked_before_any_daemon_starts(tmp_path):
     fstype = filesystem_of(str(tmp_path))
     assert fstype is not None
     assert (cache_dir_problem(str(tmp_path / "cache")) is None) == (fstype in CACHE_FILESYSTEMS)
+
+
+def test_fsids_differ_within_the_kernels_sysfs_name():
+    """The kernel names an fscache-mode mount in sysfs "<domain>,<fsid>" cut to 36 characters and refuses a second
+    mount whose name is the same: twelve mounts of one bootstrap get twelve names that differ within that length."""
+    from fscache_backend.daemon import SYSFS_NAME_MAX, Daemon
+    from fscache_backend.settings import Settings
+
+    for domain in ("rafsfs", "a-longer-domain-name", ""):
+        d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id=domain), False)
+        prefix = f"{domain}," if domain else ""
+        base = "0123456789abcdef" * 3
+        names, fsids = set(), []
+        for _ in range(12):
+            fsid = d._unique_fsid(base, fsids)
+            name = (prefix + fsid)[:SYSFS_NAME_MAX]
+            assert name not in names, (domain, fsid, fsids)
+            names.add(name)
+            fsids.append(fsid)
+        assert fsids[0] == base  # the first mount keeps the content-derived fsid (its cached bootstrap is reused)

@@ -233,6 +233,54 @@ def test_shared_blob_is_fetched_once():
     assert len(files) == 3, files  # two bootstraps and one blob, all in the domain's volume
 
 
+def test_unmounted_images_are_closed_and_concurrent_mounts_of_one_image_get_their_own_fsid():
+    """Mount churn: image A mounted and unmounted again and again while image B (same blob) stays mounted.  The
+    daemon keeps an unmounted image open only while a cache object may still read through it, so nothing piles
+    up; B keeps reading right.  Then two mounts of one bootstrap requested at the same moment: two fsids, two
+    working mounts."""
+    from fscache_backend import service
+
+    a, b = PARAMS["shared"]["a"], PARAMS["shared"]["b"]
+    with session("churn") as s:
+        mb = s.mount(b, "b", "--blob-dir", PARAMS["blob_dir"])
+        for i in range(3):
+            ma = s.mount(a, f"a{i}", "--blob-dir", PARAMS["blob_dir"], mode=None)
+            _assert_tree("shared_a", ma)
+            s.umount(ma)
+        deadline = time.monotonic() + 30
+        while True:
+            mounts = [m["mountpoint"] for m in s.request("status")["mounts"]]
+            retired = s.stats().get("retired_mounts")
+            if mounts == [str(mb)] and retired == 0:
+                break
+            assert time.monotonic() < deadline, (mounts, retired, s.log_tail())
+            time.sleep(0.5)
+        _assert_tree("shared_b", mb)
+
+        targets = [MNT_ROOT / f"churn-c{i}" for i in range(2)]
+        errors: list = []
+
+        def mount(t: Path) -> None:
+            t.mkdir(parents=True, exist_ok=True)
+            try:
+                req = service.mount_request(a, str(t), PARAMS["blob_dir"], [], None)
+                assert service.delegate(req, s.settings) is not None
+                s.mounts.append(t)
+            except Exception as e:  # noqa: BLE001 - asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=mount, args=(t,)) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, (errors, s.log_tail())
+        fsids = {m["mountpoint"]: m["fsid"] for m in s.request("status")["mounts"]}
+        assert len({fsids[str(t)] for t in targets}) == 2, fsids
+        for t in targets:
+            _assert_tree("shared_a", t)
+
+
 # ------------------------------------------------------------------------------------------------ crash + restore
 def test_kill9_during_reads_then_restore_then_sigterm():
     big = PARAMS["big"]
