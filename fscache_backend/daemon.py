@@ -31,6 +31,7 @@ import trio
 from rafsfs.atomic import write_text
 from rafsfs.errors import BadImage, RafsError
 from rafsfs.image import BlobInfo, ChunkRef
+from rafsfs.storage.cache.metrics import CacheMetrics
 
 from . import protocol
 from . import mount as fsmount
@@ -92,6 +93,7 @@ class Daemon:
         self.draining: set[Obj] = set()  # CLOSEd objects with READs still running
         self.objects: dict[int, Obj] = {}
         self.limiter = trio.CapacityLimiter(WORKERS)
+        self.metrics = CacheMetrics()  # every mount's backend requests, as 'rafsfs stats' shows them
         self.read_delay = float(os.environ.get("RAFSFS_FSCACHE_READ_DELAY", "0") or 0)  # test hook: slow READs
         self.had_mounts = False
         self.stats: dict = {"pid": os.getpid(), "restored": restored, "opens": 0, "open_errors": 0, "closes": 0,
@@ -106,7 +108,7 @@ class Daemon:
             self._restore()
         for rec in state.load_all(self.settings.mounts_dir):
             try:
-                self.mounts[rec.fsid] = await trio.to_thread.run_sync(open_served, rec)
+                self.mounts[rec.fsid] = await trio.to_thread.run_sync(open_served, rec, self.metrics)
                 self.had_mounts = True
             except RafsError as e:
                 log.error("cannot serve %s (fsid %s) any more: %s", rec.mountpoint, rec.fsid, e)
@@ -191,7 +193,7 @@ class Daemon:
             raise FscacheError(f"mountpoint {rec.mountpoint} is busy: something is already mounted there")
         content_id = await trio.to_thread.run_sync(self._content_id, rec.bootstrap)
         live = set(await trio.to_thread.run_sync(fsmount.mounted_fsids))
-        served = await trio.to_thread.run_sync(open_served, rec)
+        served = await trio.to_thread.run_sync(open_served, rec, self.metrics)
         try:
             for attempt in range(FSID_ATTEMPTS):
                 rec.fsid = self._unique_fsid(content_id, live)
@@ -587,7 +589,7 @@ class Daemon:
                     "mounts": [{"fsid": f, "mountpoint": s.rec.mountpoint, "bootstrap": s.rec.bootstrap}
                                for f, s in self.mounts.items()]}
         if op == "stats":
-            return {"stats": self.stats}
+            return {"stats": self.stats, "cache": self.metrics.snapshot()}
         if op == "shutdown":
             self._shutdown.set()
             return {}

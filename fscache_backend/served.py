@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from rafsfs.image import RafsImage
+from rafsfs.storage.cache.metrics import CacheMetrics
 from rafsfs.storage.direct import DirectChunkSource
 
 from . import protocol
@@ -24,8 +25,9 @@ class Served:
     users: int = 0  # READs and read-aheads using it now: an unmounted image is closed only when this is 0
 
 
-def open_served(rec: MountRecord) -> Served:
-    """Open the image and its blob source; raises a one-line RafsError when fscache mode cannot serve it."""
+def open_served(rec: MountRecord, metrics: CacheMetrics | None = None) -> Served:
+    """Open the image and its blob source (counting into ``metrics``); raises a one-line RafsError when fscache
+    mode cannot serve it."""
     image = RafsImage.open(rec.bootstrap)
     try:
         if image.blksz != protocol.PAGE:
@@ -34,7 +36,7 @@ def open_served(rec: MountRecord) -> Served:
             if not b.blob_id:
                 raise FscacheError(f"{rec.bootstrap}: device {b.index + 1} has no tag naming its blob; fscache mode "
                                    "needs one (Nydus images always have it)")
-        source, amplify = open_source(rec.blob_dir, rec.devices, rec.config)
+        source, amplify = open_source(rec.blob_dir, rec.devices, rec.config, metrics)
         if image.blobs and source is None:
             raise FscacheError(f"{rec.bootstrap}: the image's data is in blobs: give --blob-dir or --config")
         fd = os.open(rec.bootstrap, os.O_RDONLY | os.O_CLOEXEC)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from . import control
 from .errors import FscacheError
-from .mount import is_mountpoint
+from .mount import is_mountpoint, mounted_fsids
 from .served import close_served, open_served
 from .settings import Settings
 from .state import MountRecord
@@ -67,6 +67,28 @@ def mount_foreground(req: dict, settings: Settings | None = None, verbose: bool 
                 raise
         time.sleep(0.1)  # another daemon is starting or exiting right now
     raise FscacheError("/dev/cachefiles stays busy but no rafsfs daemon answers")
+
+
+def mount_stats(mountpoint: str, settings: Settings | None = None) -> dict | None:
+    """``rafsfs stats`` for an fscache mount: the daemon's counters in the shape of
+    :func:`rafsfs.api.stats.read_stats`, or None when ``mountpoint`` is not an fscache mount.  The kernel serves
+    cache hits from its cache files without asking the daemon, so hits are not known (None); each READ is a miss."""
+    mountpoint = os.path.realpath(mountpoint)
+    if mountpoint not in mounted_fsids().values():
+        return None
+    settings = settings or Settings.from_env()
+    try:
+        reply = control.request(settings.control_path, {"op": "stats"}, timeout=10)
+    except OSError as e:
+        raise FscacheError(f"{mountpoint} is an fscache mount but its daemon does not answer on "
+                           f"{settings.control_path}: {e.strerror or e}") from None
+    st, cache = reply["stats"], reply.get("cache", {})
+    return {"id": f"fscache daemon pid {st.get('pid')}", "state": "RUNNING", "apisock": settings.control_path,
+            "mode": "fscache", "hits": None, "misses": st.get("reads", 0),
+            "errors": st.get("read_failures", 0) + cache.get("errors", 0),
+            "backend_requests": cache.get("backend_requests", 0), "inflight": cache.get("inflight", 0),
+            "bytes_fetched": cache.get("bytes_fetched", 0), "bytes_served": st.get("read_bytes", 0),
+            "latency_ms": cache.get("latency_ms") or {"p50": None, "p90": None, "p99": None}}
 
 
 def daemon_pids(settings: Settings | None = None) -> tuple[int, int]:

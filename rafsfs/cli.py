@@ -363,7 +363,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     if (args.mountpoint is None) == (args.apisock is None):
         raise RafsError("give a MOUNTPOINT or --apisock SOCK (one of them)")
-    stats = read_stats(_apisock(args, os.path.realpath(args.mountpoint or "/")))
+    stats = None
+    if args.mountpoint is not None:
+        from fscache_backend.service import mount_stats  # the front end composes the backend
+
+        stats = mount_stats(args.mountpoint)  # None: not an fscache mount
+    if stats is None:
+        stats = read_stats(_apisock(args, os.path.realpath(args.mountpoint or "/")))
     _println(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -585,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("stats", cmd_stats, "show a running daemon's data-path counters",
                 "Ask the daemon serving MOUNTPOINT (or listening on --apisock) for its chunk cache counters: hits, "
                 "misses, bytes fetched from the backend and served to readers, fetch latency percentiles and "
-                "in-flight backend requests.")
+                "in-flight backend requests.  For an fscache mount, the fscache daemon's: every READ the kernel "
+                "sends is a miss (hits never reach the daemon: the kernel serves them from its cache files).")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="a mount made by 'rafsfs mount'")
     p.add_argument("--apisock", metavar="SOCK", help="the daemon's API socket instead of MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -26,7 +26,7 @@ def format_stats(s: dict) -> str:
     lat = s["latency_ms"]
     rows = [
         ("daemon", f"{s['id']} ({s['state']}, {s['apisock']})"),
-        ("hits", str(s["hits"])),
+        ("hits", "- (the kernel serves them from its cache files)" if s["hits"] is None else str(s["hits"])),
         ("misses", str(s["misses"])),
         ("errors", str(s["errors"])),
         ("bytes fetched", f"{s['bytes_fetched']} ({format_bytes(s['bytes_fetched'])})"),

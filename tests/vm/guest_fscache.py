@@ -203,6 +203,18 @@ def test_second_read_after_drop_caches_makes_no_requests(local):
     assert after["chunks_fetched"] == before["chunks_fetched"]
 
 
+def test_stats_of_an_fscache_mount(local):
+    """`rafsfs stats MNT` on an fscache mount: the daemon's counters (READs are misses; hits stay in the kernel)."""
+    s, mnts = local
+    _read_all_files(mnts["lz4"])
+    p = s.rafsfs("stats", mnts["lz4"], "--json")
+    st = json.loads(p.stdout)
+    assert st["hits"] is None and st["misses"] > 0 and st["backend_requests"] > 0 and st["bytes_fetched"] > 0, st
+    assert st["bytes_served"] >= st["misses"] * 4096, st
+    text = s.rafsfs("stats", mnts["lz4"]).stdout
+    assert "kernel serves them" in text and "backend requests" in text, text
+
+
 def test_umount_stops_the_daemon(local):
     s, mnts = local
     for name, mnt in mnts.items():
@@ -350,3 +362,4 @@ def test_bad_image_and_missing_blobs_are_one_line_errors(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
