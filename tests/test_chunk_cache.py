@@ -532,6 +532,29 @@ def test_small_reads_bring_their_neighbours(small_files, tmp_path):
     assert len(be1.requests) == len(files)
 
 
+
+def test_two_files_read_in_turns_both_get_readahead(image, tmp_path):
+    """Two readers going through two files of one blob at the same time, a chunk each in turn: each is followed
+    as its own stream, so both get their following chunks fetched ahead (one stream per blob would see every read
+    out of order and fetch nothing ahead)."""
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    cs = 64 << 10
+    a, b = img.resolve("/f4"), img.resolve("/f5")
+    be = CountingBackend(str(blobs))
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c"), amplify_io=cs, readahead=4 * cs))
+    got = {"/f4": b"", "/f5": b""}
+    for off in range(0, max(a.size, b.size), cs):
+        for name, ino in (("/f4", a), ("/f5", b)):
+            if off < ino.size:
+                got[name] += img.read(ino, off, cs, cache)
+    cache.close()
+    assert got == {"/f4": files["/f4"], "/f5": files["/f5"]}
+    chunks = sum((ino.size + cs - 1) // cs for ino in (a, b))
+    snap = cache.metrics.snapshot()
+    assert snap["prefetched_chunks"] >= chunks // 2, snap
+    assert len(be.requests) < chunks, (len(be.requests), chunks)
+
 def test_a_corrupt_neighbour_fails_only_its_own_file(small_files, tmp_path, monkeypatch):
     boot, blobs, files = small_files
     img = RafsImage.open(str(boot))

@@ -55,6 +55,10 @@ class _Sequence:
     last: int  # the last chunk index an on-demand read reached
     until: int  # readahead has been queued up to (not including) this chunk index
     window: int  # chunks
+    steps: int = 0  # reads that continued this stream in order
+
+
+STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
 class ChunkCache:
@@ -77,7 +81,7 @@ class ChunkCache:
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
-        self._seq: dict[str, _Sequence] = {}  # per blob: where on-demand reads are and how far readahead went
+        self._seq: dict[str, list[_Sequence]] = {}  # per blob, oldest first: where in-order readers are
         self._ahead_pool: ThreadPoolExecutor | None = None
         self._riders: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
         self._rider_bytes = 0
@@ -322,23 +326,29 @@ class ChunkCache:
         """While a blob is read in order, keep a window of the following chunks being fetched in the background,
         in large merged requests fetched in parallel, so delivery never waits for one request at a time.  The
         window starts at ``readahead`` bytes and doubles while the reads stay in order (like the kernel's own
-        readahead); a read elsewhere resets it.  Random reads never trigger it: one request per chunk at most."""
+        readahead).  Up to :data:`STREAMS` readers per blob are followed apart (several files of one layer read
+        at once); a read that continues none of them starts a new one.  A stream fetches ahead only after two
+        reads in order, so random reads never trigger it: one request per chunk at most."""
         lo = min(c.ci_index for c in chunks)
         hi = max(c.ci_index for c in chunks)
         cs = max(blob.chunk_size, 1)
         first = max(1, self.opts.readahead // cs)
         with self._lock:
-            st = self._seq.get(bc.name)
+            streams = self._seq.setdefault(bc.name, [])
+            st = next((s for s in reversed(streams) if s.last <= lo <= s.last + 2), None)
             if st is None:
-                self._seq[bc.name] = _Sequence(hi, hi + 1, first)
+                streams.append(_Sequence(hi, hi + 1, first))
+                if len(streams) > STREAMS:
+                    del streams[0]
                 return
-            if lo == st.last and hi == st.last:
+            streams.remove(st)
+            streams.append(st)  # most recently used last
+            if hi == st.last:
                 return  # more of the same chunk: no news
             # in order: the read moves on to the next chunk or so (concurrent kernel readahead reorders a little)
-            in_order = st.last <= lo <= st.last + 2 and hi > st.last
             st.last = hi
-            if not in_order:
-                st.window, st.until = first, hi + 1
+            st.steps += 1
+            if st.steps < 2:
                 return
             if st.until - hi > st.window // 2:
                 return  # more than half a window still queued ahead of the reader
