@@ -161,7 +161,7 @@ class Daemon:
     def _forget(self, fsid: str) -> None:
         s = self.mounts.pop(fsid, None)
         state.remove(self.settings.mounts_dir, fsid)
-        if s is not None:
+        if s is not None and s not in self.retired:
             self.retired.append(s)  # cache objects of its blobs may still be served through it
             self._prune_retired()
 
@@ -217,7 +217,14 @@ class Daemon:
                 finally:
                     self.mounting.discard(rec.fsid)
         except BaseException:
-            close_served(served)
+            # READs of a blob it shares with another mount may be using it right now: retired, it is closed
+            # once nobody is
+            if self.mounts.get(rec.fsid) is served:
+                self.mounts.pop(rec.fsid)
+                state.remove(self.settings.mounts_dir, rec.fsid)
+            if served not in self.retired:
+                self.retired.append(served)
+            self._prune_retired()
             raise
         self.had_mounts = True
         log.info("mounted %s on %s (fsid %s, domain %s)", rec.bootstrap, rec.mountpoint, rec.fsid, rec.domain_id)
@@ -242,11 +249,15 @@ class Daemon:
         ``<domain>,<fsid>`` cut to 36 characters (``s_sysfs_name``) and refuses a second mount with the same
         name (EEXIST), so names must differ within that length."""
         keep = SYSFS_NAME_MAX - (len(self.settings.domain_id) + 1 if self.settings.domain_id else 0)
+        if keep < 8:
+            raise FscacheError(f"domain id {self.settings.domain_id!r} is too long for the kernel's mount names")
         taken = {f[:keep] for f in (*self.mounts, *self.mounting, *live)}
         fsid, n = base, 1
         while fsid[:keep] in taken:
             n += 1
-            fsid = f"{base[:max(keep - len(str(n)) - 1, 1)]}-{n}"
+            if n > 10 ** (keep - 2):
+                raise FscacheError(f"no free fsid for another mount of {base}")
+            fsid = f"{base[:keep - len(str(n)) - 1]}-{n}"
         return fsid
 
     async def _watch_mounts(self) -> None:

@@ -23,6 +23,7 @@ class Served:
     bootstrap_fd: int
     amplify: int  # bytes of blob one READ fetches at least (read-ahead of the chunks after the requested ones)
     users: int = 0  # READs and read-aheads using it now: an unmounted image is closed only when this is 0
+    closed: bool = False
 
 
 def open_served(rec: MountRecord, metrics: CacheMetrics | None = None) -> Served:
@@ -47,6 +48,10 @@ def open_served(rec: MountRecord, metrics: CacheMetrics | None = None) -> Served
 
 
 def close_served(s: Served) -> None:
+    """Close it (again: nothing happens)."""
+    if s.closed:
+        return
+    s.closed = True
     if s.bootstrap_fd >= 0:
         os.close(s.bootstrap_fd)
         s.bootstrap_fd = -1

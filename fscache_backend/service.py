@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import Callable
 
+from rafsfs.api.stats import stats_record
+
 from . import control
 from .errors import FscacheError
 from .mount import is_mountpoint, mounted_fsids
@@ -78,17 +80,19 @@ def mount_stats(mountpoint: str, settings: Settings | None = None) -> dict | Non
         return None
     settings = settings or Settings.from_env()
     try:
+        status = control.request(settings.control_path, {"op": "status"}, timeout=10)
+        if mountpoint not in (m["mountpoint"] for m in status["mounts"]):
+            raise FscacheError(f"{mountpoint} is an fscache mount that the rafsfs daemon on "
+                               f"{settings.control_path} does not serve")
         reply = control.request(settings.control_path, {"op": "stats"}, timeout=10)
     except OSError as e:
-        raise FscacheError(f"{mountpoint} is an fscache mount but its daemon does not answer on "
+        raise FscacheError(f"{mountpoint} is an fscache mount but no rafsfs daemon answers on "
                            f"{settings.control_path}: {e.strerror or e}") from None
-    st, cache = reply["stats"], reply.get("cache", {})
-    return {"id": f"fscache daemon pid {st.get('pid')}", "state": "RUNNING", "apisock": settings.control_path,
-            "mode": "fscache", "hits": None, "misses": st.get("reads", 0),
-            "errors": st.get("read_failures", 0) + cache.get("errors", 0),
-            "backend_requests": cache.get("backend_requests", 0), "inflight": cache.get("inflight", 0),
-            "bytes_fetched": cache.get("bytes_fetched", 0), "bytes_served": st.get("read_bytes", 0),
-            "latency_ms": cache.get("latency_ms") or {"p50": None, "p90": None, "p99": None}}
+    st = reply["stats"]
+    # READs (bootstrap and blobs) are the misses; the failed ones are the errors the kernel saw
+    return stats_record(f"fscache daemon pid {st.get('pid')}", "RUNNING", settings.control_path,
+                        reply.get("cache", {}), mode="fscache", hits=None, misses=st.get("reads", 0),
+                        errors=st.get("read_failures", 0), bytes_served=st.get("read_bytes", 0))
 
 
 def daemon_pids(settings: Settings | None = None) -> tuple[int, int]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import FscacheError
+
+MAX_DOMAIN = 24  # characters of RAFSFS_FSCACHE_DOMAIN
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -15,9 +19,14 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
+        domain = os.environ.get("RAFSFS_FSCACHE_DOMAIN", "rafsfs")
+        if len(domain) > MAX_DOMAIN or not all(c.isalnum() or c in "-_." for c in domain):
+            # the kernel names each mount "<domain>,<fsid>" in 36 characters: a long domain leaves no room for fsids
+            raise FscacheError(f"RAFSFS_FSCACHE_DOMAIN {domain!r}: use up to {MAX_DOMAIN} letters, digits, '-', "
+                               "'_' or '.'")
         return cls(cache_dir=os.path.abspath(os.environ.get("RAFSFS_FSCACHE_DIR", "/var/cache/rafsfs/fscache")),
                    run_dir=os.path.abspath(os.environ.get("RAFSFS_FSCACHE_RUN", "/run/rafsfs/fscache")),
-                   domain_id=os.environ.get("RAFSFS_FSCACHE_DOMAIN", "rafsfs"))
+                   domain_id=domain)
 
     @property
     def control_path(self) -> str:

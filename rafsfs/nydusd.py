@@ -125,15 +125,23 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
 
     preflight(mountpoint)
     cfg = load_config(args.config) if args.config else None
+    paths = _prefetch_paths(args.prefetch_files)  # bad input stops the daemon here, in one line
     image = RafsImage.open(args.bootstrap)
     prefetchers: list = []
+    image_in_use = False
     try:
         source = None
         deferred = None
         if cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none":
             # the snapshotter waits for RUNNING: the registry source (an HTTP stack to import, a probe round trip
-            # per blob) is built while the runtime sets the container up, and a failed probe is logged
+            # per blob) is built while the runtime sets the container up, and a failed probe is logged.  What can
+            # fail without the network is checked now.
             from .storage.deferred import DeferredCache
+
+            try:
+                os.makedirs(cfg.cache.work_dir, exist_ok=True)
+            except OSError as e:
+                raise RafsError(f"cannot create cache directory {cfg.cache.work_dir}: {e.strerror}") from None
 
             def build(metrics):
                 cache = source_from_config(cfg, metrics)
@@ -144,7 +152,7 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
                 return cache
 
             source = deferred = DeferredCache(build)
-            deferred.after_build.append(lambda cache: prefetchers.append(_start_prefetch(args, image, cache, cfg)))
+            deferred.after_build.append(lambda cache: prefetchers.append(_start_prefetch(paths, image, cache, cfg)))
         elif cfg is not None:
             source = source_from_config(cfg)
         try:
@@ -154,7 +162,7 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
                 hooks.backend_type = cfg.backend.type
                 hooks.work_dir = cfg.cache.work_dir if cfg.cache.type != "none" else ""
             if deferred is None:
-                prefetchers.append(_start_prefetch(args, image, source, cfg))
+                prefetchers.append(_start_prefetch(paths, image, source, cfg))
                 on_ready = ready
             else:
                 def on_ready() -> None:
@@ -171,10 +179,13 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
                     if prefetcher is not None:
                         prefetcher.stop()
         finally:
-            if source is not None:
+            if deferred is not None:
+                image_in_use = not deferred.close()  # a build still running uses the image
+            elif source is not None:
                 source.close()
     finally:
-        image.close()
+        if not image_in_use:
+            image.close()
 
 
 def _prefetch_paths(value: str | None) -> list[str]:
@@ -194,12 +205,12 @@ def _prefetch_paths(value: str | None) -> list[str]:
     return paths
 
 
-def _start_prefetch(args: argparse.Namespace, image, source, cfg):
+def _start_prefetch(paths: list[str], image, source, cfg):
     """Background prefetch as nydusd does it: ``fs_prefetch.enable`` reads the image's prefetch table,
-    ``fs_prefetch.prefetch_all`` then every blob; ``--prefetch-files`` adds paths.  Always behind on-demand reads."""
+    ``fs_prefetch.prefetch_all`` then every blob; ``--prefetch-files`` adds ``paths``.  Always behind on-demand
+    reads."""
     from .storage.cache.prefetch import plan_for, start_prefetch
 
-    paths = _prefetch_paths(args.prefetch_files)
     pf = cfg.prefetch if cfg is not None else None
     if source is None or not (paths or (pf is not None and pf.enable)):
         return None

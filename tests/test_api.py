@@ -226,7 +226,8 @@ def test_nydusd_version():
 
 
 @needs_fuse
-@pytest.mark.parametrize("case", ["bad-bootstrap", "bad-config", "no-mountpoint", "socket-in-use"])
+@pytest.mark.parametrize("case", ["bad-bootstrap", "bad-config", "no-mountpoint", "socket-in-use",
+                                  "relative-prefetch-path", "registry-cache-dir-impossible"])
 def test_nydusd_bad_input_is_one_line(image, tmp_path, case):
     d, _ = image
     mnt = tmp_path / "mnt"
@@ -234,7 +235,17 @@ def test_nydusd_bad_input_is_one_line(image, tmp_path, case):
     boot, cfg = d / "img.boot", _config(d, tmp_path)
     sock = tmp_path / "api.sock"
     live = None
-    if case == "bad-bootstrap":
+    extra: list = []
+    if case in ("relative-prefetch-path", "registry-cache-dir-impossible"):
+        # a registry config: its source is built after the mount is up, yet these are caught before it
+        (tmp_path / "a-file").write_text("")
+        work = tmp_path / ("cache" if case == "relative-prefetch-path" else "a-file/cache")
+        cfg.write_text(json.dumps({"device": {
+            "backend": {"type": "registry", "config": {"host": "127.0.0.1:9", "repo": "x/y", "scheme": "http"}},
+            "cache": {"type": "blobcache", "config": {"work_dir": str(work)}}}}))
+        if case == "relative-prefetch-path":
+            extra = ["--prefetch-files", "etc/passwd"]
+    elif case == "bad-bootstrap":
         boot = tmp_path / "junk.boot"
         boot.write_bytes(os.urandom(8192))
     elif case == "bad-config":
@@ -247,7 +258,7 @@ def test_nydusd_bad_input_is_one_line(image, tmp_path, case):
         live.listen()
     try:
         p = subprocess.run(_nydusd("fuse", "--config", cfg, "--bootstrap", boot, "--mountpoint", mnt,
-                                   "--apisock", sock), capture_output=True, text=True, env=_env(), timeout=60)
+                                   "--apisock", sock, *extra), capture_output=True, text=True, env=_env(), timeout=60)
     finally:
         if live is not None:
             live.close()

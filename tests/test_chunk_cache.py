@@ -570,6 +570,8 @@ def test_a_corrupt_neighbour_fails_only_its_own_file(small_files, tmp_path, monk
             assert img.read(img.resolve(name), 0, 4096, cache) == data
     with pytest.raises(CorruptChunk):
         img.read(victim, 0, 4096, cache)
+    assert len(be.requests) == 1  # all of it came with the first request: the kept bytes failed their check
     path.write_bytes((blobs / blob.blob_id).read_bytes())
     monkeypatch.setattr(chunk_cache, "FAILURE_MEMORY", 0.0)  # repaired, and the failure is old: fetched again
     assert img.read(victim, 0, 4096, cache) == files["/s05"]
+    assert len(be.requests) == 2

@@ -292,3 +292,16 @@ def test_fsids_differ_within_the_kernels_sysfs_name():
             names.add(name)
             fsids.append(fsid)
         assert fsids[0] == base  # the first mount keeps the content-derived fsid (its cached bootstrap is reused)
+
+
+def test_a_domain_too_long_for_the_kernels_mount_names_is_one_line(monkeypatch):
+    from fscache_backend.daemon import Daemon
+    from fscache_backend.errors import FscacheError
+    from fscache_backend.settings import Settings
+
+    monkeypatch.setenv("RAFSFS_FSCACHE_DOMAIN", "d" * 34)
+    with pytest.raises(FscacheError, match="RAFSFS_FSCACHE_DOMAIN"):
+        Settings.from_env()
+    d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), False)
+    with pytest.raises(FscacheError, match="too long"):  # never a loop that stops the daemon
+        d._unique_fsid("0" * 40, ["0" * 40])

@@ -378,19 +378,17 @@ def test_tls_custom_ca_skip_verify_and_untrusted(data_image, tmp_path):
 def _nydusd_mount(boot: Path, cfg: Path, mnt: Path, sock: Path, log: Path):
     """``rafsfs-nydusd fuse`` as nydus-snapshotter starts it; returns the process once the API says RUNNING."""
     import subprocess
-    import sys
+
+    from test_api import _env, _nydusd, _wait
 
     from rafsfs.api import ApiClient
 
     mnt.mkdir(exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-m", "rafsfs.nydusd", "fuse", "--config", str(cfg), "--bootstrap",
-                          str(boot), "--mountpoint", str(mnt), "--apisock", str(sock), "--log-file", str(log)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "no API socket"
-        time.sleep(0.02)
+    p = subprocess.Popen(_nydusd("fuse", "--config", cfg, "--bootstrap", boot, "--mountpoint", mnt, "--apisock", sock,
+                                 "--log-file", log), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    _wait(lambda: sock.exists() or p.poll() is not None, what="the API socket")
+    assert p.poll() is None, p.communicate()
     assert ApiClient(str(sock)).daemon_info()["state"] == "RUNNING"  # the query waits for the mount
     return p
 

@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 from ..tools import format_bytes
-from .client import ApiClient
 
 FIELDS = ("hits", "misses", "errors", "backend_requests", "inflight", "bytes_fetched", "bytes_served")
 
 
+def stats_record(daemon_id, state, apisock: str, counters: dict, **override) -> dict:
+    """The flat dict ``rafsfs stats`` prints: ``counters`` (a :class:`CacheMetrics` snapshot) picked by
+    :data:`FIELDS`, then ``override``."""
+    out = {"id": daemon_id, "state": state, "apisock": apisock}
+    out.update({k: counters.get(k, 0) for k in FIELDS})
+    out["latency_ms"] = counters.get("latency_ms") or {"p50": None, "p90": None, "p99": None}
+    out.update(override)
+    return out
+
+
 def read_stats(apisock: str) -> dict:
     """The daemon's id, state and cache counters as one flat dict."""
+    from .client import ApiClient  # http.client: only for the command that asks
+
     client = ApiClient(apisock)
     info = client.daemon_info()
-    cache = client.cache_metrics()
-    out = {"id": info.get("id"), "state": info.get("state"), "apisock": apisock}
-    out.update({k: cache.get(k, 0) for k in FIELDS})
-    out["latency_ms"] = cache.get("latency_ms") or {"p50": None, "p90": None, "p99": None}
-    return out
+    return stats_record(info.get("id"), info.get("state"), apisock, client.cache_metrics())
 
 
 def _ms(v: float | None) -> str:

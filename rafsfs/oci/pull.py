@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..atomic import write_text
+from ..atomic import replacing, write_text
 from ..errors import BadImage
 from ..image import RafsImage
 from .client import Manifest, RegistryClient
@@ -58,7 +58,7 @@ def pull(ref: Reference, dest_dir: str, *, blobs: bool = False, platform: str | 
     with RegistryClient(ref, ca_file=ca_file) as client:
         manifest = client.resolve(platform)
         boot, fetched = _fetch_bootstrap(client, manifest, dest_dir)
-        with open(os.path.join(dest_dir, "manifest.json"), "wb") as f:
+        with replacing(os.path.join(dest_dir, "manifest.json")) as f:
             f.write(manifest.raw)
         res = PullResult(str(ref), manifest.digest, boot, bytes_fetched=fetched)
         with RafsImage.open(boot) as image:

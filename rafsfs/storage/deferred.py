@@ -8,6 +8,7 @@ A read that comes first waits for it; a source that could not be built fails rea
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -81,7 +82,9 @@ class DeferredCache:
             self.start()
             self._done.wait()
         if self._error is not None:
-            raise self._error
+            err = copy.copy(self._error)  # a new one per read: raising one object again and again grows its traceback
+            err.__traceback__ = None
+            raise err
         assert self._cache is not None
         return self._cache
 
@@ -98,12 +101,14 @@ class DeferredCache:
     def fully_cached(self, blob: BlobInfo) -> bool:
         return self.get().fully_cached(blob)
 
-    def close(self, wait: float = CLOSE_WAIT) -> None:
+    def close(self, wait: float = CLOSE_WAIT) -> bool:
         """Close the cache if it was built.  A build still under way (a probe of a registry that does not answer)
-        gets ``wait`` seconds; after that the daemon stops without it (the thread dies with the process)."""
-        self.seal()
+        gets ``wait`` seconds; after that the daemon stops without it (the thread dies with the process) and this
+        returns False: the build may still be using what it was given."""
         if self._started and not self._done.wait(wait):
             log.warning("stopping while the chunk source is still being built")
-            return
+            return False
+        self.seal()
         if self._cache is not None:
             self._cache.close()
+        return True

@@ -33,6 +33,11 @@ ChunkSink = Callable[[ChunkRef, "bytes | None", "RafsError | None"], None]
 RawSink = Callable[[ChunkRef, bytes], None]
 
 
+def follows(end: int, offset: int) -> bool:
+    """A chunk stored at ``offset`` can join a request that so far ends at ``end`` (at most MERGE_GAP apart)."""
+    return 0 <= offset - end <= MERGE_GAP
+
+
 def merge_ranges(chunks: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
     """Group chunks (sorted by compressed offset) whose compressed ranges are contiguous or at most
     :data:`MERGE_GAP` bytes apart, up to ``limit`` bytes per group."""
@@ -43,8 +48,8 @@ def merge_ranges(chunks: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
             last = g[-1].info
             start = g[0].info.compressed_offset
             end = c.info.compressed_offset + c.info.compressed_size
-            gap = c.info.compressed_offset - (last.compressed_offset + last.compressed_size)
-            if 0 <= gap <= MERGE_GAP and end - start <= limit:
+            if end - start <= limit and follows(last.compressed_offset + last.compressed_size,
+                                                 c.info.compressed_offset):
                 g.append(c)
                 continue
         groups.append([c])

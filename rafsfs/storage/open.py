@@ -27,7 +27,7 @@ def source_from_config(cfg: RafsConfig, metrics: CacheMetrics | None = None) -> 
     """The configured backend, behind the chunk cache unless the config says ``none``."""
     backend = backend_from_config(cfg)
     if cfg.cache.type == "none":
-        return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io)
+        return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io, metrics=metrics)
     return ChunkCache(backend, CacheOptions(work_dir=cfg.cache.work_dir, verify=cfg.digest_validate,
                                             amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size),
                       metrics=metrics)

@@ -210,7 +210,6 @@ def test_stats_of_an_fscache_mount(local):
     p = s.rafsfs("stats", mnts["lz4"], "--json")
     st = json.loads(p.stdout)
     assert st["hits"] is None and st["misses"] > 0 and st["backend_requests"] > 0 and st["bytes_fetched"] > 0, st
-    assert st["bytes_served"] >= st["misses"] * 4096, st
     text = s.rafsfs("stats", mnts["lz4"]).stdout
     assert "kernel serves them" in text and "backend requests" in text, text
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ...errors import BlobUnavailable, RafsError
 from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
 from ..backend.base import BlobBackend
-from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, MERGE_GAP, ChunkFetcher
+from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
 from . import store
 from .blob_file import BlobCacheFile, entry_name
 from .metrics import CacheMetrics
@@ -229,6 +229,9 @@ class ChunkCache:
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
+                if self._riders:
+                    with self._lock:  # kept bytes of it that came along earlier are not needed any more
+                        self._take_rider(bc.name, c.ci_index)
                 try:
                     bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
                 except OSError as e:
@@ -295,8 +298,11 @@ class ChunkCache:
         while ci < blob.chunk_count and end < start + limit and not bc.is_ready(ci):
             if (bc.name, ci) in self._riders:
                 break  # came along with an earlier request: what follows did too
-            info, digest = image.chunk_info(blob.index, ci, self)
-            if not 0 <= info.compressed_offset - end <= MERGE_GAP or \
+            try:
+                info, digest = image.chunk_info(blob.index, ci, self)
+            except RafsError:  # a neighbour is only a bonus: its trouble is for its own reader to meet
+                break
+            if not follows(end, info.compressed_offset) or \
                     info.compressed_offset + info.compressed_size > start + limit:
                 break
             out.append(ChunkRef(blob.index, ci, info, digest))
@@ -410,3 +416,5 @@ class ChunkCache:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
+            self._riders.clear()
+            self._rider_bytes = 0
