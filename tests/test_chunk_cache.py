@@ -575,3 +575,32 @@ def test_a_corrupt_neighbour_fails_only_its_own_file(small_files, tmp_path, monk
     monkeypatch.setattr(chunk_cache, "FAILURE_MEMORY", 0.0)  # repaired, and the failure is old: fetched again
     assert img.read(victim, 0, 4096, cache) == files["/s05"]
     assert len(be.requests) == 2
+
+
+def test_reads_do_not_queue_behind_background_fetches(small_files, tmp_path):
+    """Background fetching (readahead, prefetch) has worker pools of its own: a read's requests start at once,
+    not after every background request queued before them."""
+    import time
+
+    boot, blobs, files = small_files
+    img = RafsImage.open(str(boot))
+    blob = img.blobs[0]
+    be = CountingBackend(str(blobs), delay=0.15)
+    cache = ChunkCache(be, CacheOptions(work_dir=str(tmp_path / "c"), readahead=0, amplify_io=1, workers=4))
+
+    def first_chunk(i: int):
+        return img.chunks(img.resolve(f"/s{i:02d}"), source=None)[0]
+
+    background = [first_chunk(i) for i in range(0, 40, 2)]  # 20 one-chunk requests, 4 at a time
+    t = threading.Thread(target=cache.ensure, args=(blob, background), kwargs={"background": True, "merge_limit": 1})
+    t.start()
+    time.sleep(0.05)
+    wanted = [first_chunk(1), first_chunk(3)]
+    cache.ensure(blob, wanted, merge_limit=1)
+    order = [off for off, _ in be.requests]
+    t.join()
+    positions = [order.index(c.info.compressed_offset) for c in wanted]
+    assert max(positions) < len(background), (positions, len(order))
+    for i in (1, 3):
+        assert img.read(img.resolve(f"/s{i:02d}"), 0, 4096, cache) == files[f"/s{i:02d}"]
+    cache.close()

@@ -98,20 +98,22 @@ class ChunkFetcher:
 
     def fetch(self, blob: BlobInfo, chunks: list[ChunkRef], sink: ChunkSink,
               merge_limit: int | None = None, along: list[ChunkRef] = (),
-              along_sink: RawSink | None = None) -> RafsError | None:
+              along_sink: RawSink | None = None, background: bool = False) -> RafsError | None:
         """Fetch ``chunks``; ``sink`` gets every chunk exactly once.  Returns the first error met, if any.
         ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests).  ``along`` chunks come with
-        the request of a chunk next to them if there is one: ``along_sink`` gets their stored bytes, undecoded."""
+        the request of a chunk next to them if there is one: ``along_sink`` gets their stored bytes, undecoded.
+        ``background`` work (readahead, prefetch) runs in pools of its own: a reader's requests never queue behind
+        it."""
         riders = {c.ci_index for c in along} if along_sink is not None else set()
         groups = merge_ranges([*chunks, *along] if riders else chunks, merge_limit or self.amplify_io)
         if riders:  # a request for riders alone is not worth making
             groups = [g for g in groups if any(c.ci_index not in riders for c in g)]
         if len(groups) <= 1 or self._workers == 1:
-            errors = [self._fetch_group(blob, g, sink, riders, along_sink) for g in groups]
+            errors = [self._fetch_group(blob, g, sink, riders, along_sink, background) for g in groups]
         else:
-            pool = self._get_pool()
-            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink, riders, along_sink)
-                                           for g in groups]]
+            pool = self._get_pool("fetch", background)
+            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink, riders, along_sink,
+                                                       background) for g in groups]]
         return next((e for e in errors if e is not None), None)
 
     def decode(self, blob: BlobInfo, c: ChunkRef, raw: bytes | memoryview, sink: ChunkSink) -> RafsError | None:
@@ -129,7 +131,7 @@ class ChunkFetcher:
         return None
 
     def _fetch_group(self, blob: BlobInfo, group: list[ChunkRef], sink: ChunkSink, riders: set[int] = frozenset(),
-                     along_sink: RawSink | None = None) -> RafsError | None:
+                     along_sink: RawSink | None = None, background: bool = False) -> RafsError | None:
         start = group[0].info.compressed_offset
         end = group[-1].info.compressed_offset + group[-1].info.compressed_size
         try:
@@ -157,14 +159,17 @@ class ChunkFetcher:
 
         if len(group) > 1 and self._workers > 1:
             # one request brought several chunks: decompress and verify them on several cores, in order of need
-            results = list(self._get_pool("decode").map(decode, group))
+            results = list(self._get_pool("decode", background).map(decode, group))
         else:
             results = [decode(c) for c in group]
         return next((e for e in results if e is not None), None)
 
-    def _get_pool(self, kind: str = "fetch") -> ThreadPoolExecutor:
+    def _get_pool(self, kind: str, background: bool = False) -> ThreadPoolExecutor:
         """The worker pools: "fetch" runs whole groups (a request, then its chunks), "decode" the chunks of one
-        group in parallel.  Two pools, so a group waiting for its chunks never waits for a free worker of its own."""
+        group in parallel.  Two pools, so a group waiting for its chunks never waits for a free worker of its own;
+        and the two again for background work."""
+        if background:
+            kind = "bg-" + kind
         with self._pool_lock:
             if self._closed:
                 raise BlobUnavailable("the chunk source is closed")

@@ -203,8 +203,7 @@ class ChunkCache:
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, remember_failures=not background,
-                                    along=along) or error
+                error = self._fetch(blob, bc, mine, merge_limit, background=background, along=along) or error
             for f in waits:
                 exc = f.exception()
                 if exc is not None and error is None:
@@ -220,9 +219,10 @@ class ChunkCache:
         return chunks
 
     def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
-               remember_failures: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
+               background: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
-        Chunks whose stored bytes came along with an earlier request are decoded from memory."""
+        Chunks whose stored bytes came along with an earlier request are decoded from memory.  On-demand failures
+        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not."""
         failed: list[RafsError] = []
         settled: set[int] = set()
         claimed = chunks
@@ -239,7 +239,7 @@ class ChunkCache:
                     self.metrics.error()
             if err is not None:
                 failed.append(err)
-                if remember_failures:
+                if not background:
                     with self._lock:
                         if len(self._failed) > 4096:
                             self._failed.clear()
@@ -262,7 +262,7 @@ class ChunkCache:
             if chunks:
                 mine = {c.ci_index for c in claimed}
                 along = [c for c in along if c.ci_index not in mine]
-                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, along=along,
+                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, along=along, background=background,
                                            along_sink=lambda c, raw: self._keep_rider(bc, c, raw)) or error
         finally:
             # whatever happened, no chunk this call claimed may stay in flight: its readers would wait forever
