@@ -100,6 +100,17 @@ def tricky_src(tmp_path_factory) -> Path:
     return root
 
 
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="FUSE mounts need root and /dev/fuse")
+
+
+def is_mounted(path) -> bool:
+    """Something is mounted at ``path`` (mountinfo: no stat() that a hung FUSE daemon could block)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
 @pytest.fixture(scope="session")
 def have_root() -> bool:
     return os.geteuid() == 0

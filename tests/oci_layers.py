@@ -165,3 +165,14 @@ def make_tree(root: Path, entries: list[E]) -> None:
         os.chmod(p, e.mode)
         os.utime(p, ns=(e.mtime * 10**9, e.mtime * 10**9))
     assert all(stat.S_ISDIR(os.lstat(root / d.path).st_mode) for d in dirs)
+
+
+def expected_tree(tmp_path_factory) -> Path:
+    """The merged tree the layers must give, written out once per module (its owners need root)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("the expected tree has owners and needs root")
+    root = tmp_path_factory.mktemp("expected") / "tree"
+    make_tree(root, EXPECTED)
+    return root

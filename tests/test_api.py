@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_rafsfs_proc
+from conftest import REPO, is_mounted, needs_fuse, run_rafsfs_proc
 
 from rafsfs.api import ApiClient, ApiError, ApiServer, default_apisock
 from rafsfs.api.server import DaemonHooks
 
-needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="FUSE mounts need root and /dev/fuse")
 
-
-def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def _wait(cond, timeout: float = 30, what: str = "condition") -> None:
@@ -116,7 +109,7 @@ def test_mount_daemon_serves_api_and_stats_move(image, tmp_path):
     finally:
         run_rafsfs_proc("umount", mnt)
     _wait(lambda: not os.path.exists(sock), what="the daemon to remove its socket")
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
     p = run_rafsfs_proc("stats", mnt)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "no daemon API socket" in p.stderr
 
@@ -148,11 +141,11 @@ def test_api_errors_and_exit(image, tmp_path):
         assert c.get("/api/v1/metrics")["data_read"] == 0  # nothing read yet (no local cache: direct source)
         assert c.request("PUT", "/api/v1/daemon/start") is None  # 204
         assert c.request("PUT", "/api/v1/daemon/exit") is None  # 204, then the daemon unmounts and exits
-        _wait(lambda: not _is_mounted(mnt), what="unmount after PUT /api/v1/daemon/exit")
+        _wait(lambda: not is_mounted(mnt), what="unmount after PUT /api/v1/daemon/exit")
         _wait(lambda: not Path(f"/proc/{pid}").exists(), what="the daemon to exit")
         assert not sock.exists()
     finally:
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             run_rafsfs_proc("umount", mnt)
 
 
@@ -184,7 +177,7 @@ def test_nydusd_fuse_mode_as_the_snapshotter_runs_it(image, tmp_path):
         assert p.poll() is None, p.communicate()[1]
         c = ApiClient(str(sock))
         _wait(lambda: c.daemon_info()["state"] == "RUNNING", what="state RUNNING")
-        assert _is_mounted(mnt)  # RUNNING means the mount is complete
+        assert is_mounted(mnt)  # RUNNING means the mount is complete
         # the Go client keeps connections alive: two requests on one connection
         conn = http.client.HTTPConnection("unix")
         conn.sock = socket.socket(socket.AF_UNIX)
@@ -209,9 +202,9 @@ def test_nydusd_fuse_mode_as_the_snapshotter_runs_it(image, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
     assert not sock.exists()
     log = logf.read_text()
     assert "ignoring arguments" in log and "--some-future-flag" in log and "unmounted" in log
@@ -265,7 +258,7 @@ def test_nydusd_bad_input_is_one_line(image, tmp_path, case):
     assert p.returncode == 1
     errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]  # (INFO lines may come before it)
     assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert not _is_mounted(mnt) if mnt.exists() else True
+    assert not is_mounted(mnt) if mnt.exists() else True
     if case != "socket-in-use":
         assert not sock.exists()
 
@@ -297,7 +290,7 @@ def test_stale_socket_is_replaced(image, tmp_path):
     finally:
         p.terminate()
         p.wait(30)
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
 
 
@@ -387,5 +380,5 @@ def test_nydusd_prefetch(image, tmp_path, how):
     finally:
         p.terminate()
         p.wait(30)
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])

@@ -92,12 +92,8 @@ def layers(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def expected(tmp_path_factory, have_root) -> Path:
-    if not have_root:
-        pytest.skip("the expected tree has owners and needs root")
-    root = tmp_path_factory.mktemp("expected") / "tree"
-    oci_layers.make_tree(root, oci_layers.EXPECTED)
-    return root
+def expected(tmp_path_factory) -> Path:
+    return oci_layers.expected_tree(tmp_path_factory)
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "none"])

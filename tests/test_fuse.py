@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, erofs_mount, rafsfs_cmd, run_rafsfs_proc
+from conftest import REPO, erofs_mount, is_mounted, needs_fuse, rafsfs_cmd, run_rafsfs_proc
 from treeutil import assert_trees_equal
 
 from rafsfs.image import RafsImage
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="FUSE mounts need root and /dev/fuse")
+pytestmark = needs_fuse
 
-
-def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 class FuseMount:
@@ -37,7 +31,7 @@ class FuseMount:
         self.proc = subprocess.Popen(rafsfs_cmd("mount", boot, mnt, "--foreground", "--mode", "fuse", *args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 30
-        while not _is_mounted(mnt):
+        while not is_mounted(mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 raise AssertionError(f"mount did not come up: {self.proc.communicate()[1][-2000:]}")
@@ -47,7 +41,7 @@ class FuseMount:
         self.proc.terminate()  # SIGTERM must unmount cleanly
         _, err = self.proc.communicate(timeout=30)
         assert self.proc.returncode == 0, err
-        assert not _is_mounted(self.mnt)
+        assert not is_mounted(self.mnt)
         return err
 
 
@@ -177,7 +171,7 @@ def test_mount_with_unreachable_backend_is_one_line(built, tmp_path, daemon):
     assert "failed: rafsfs:" not in p.stderr, p.stderr  # the daemon's own prefix is not repeated
     assert "ConnectionError" in p.stderr or "refused" in p.stderr.lower(), p.stderr
     assert time.monotonic() - t0 < 60
-    assert not _is_mounted(tmp_path / "mnt")
+    assert not is_mounted(tmp_path / "mnt")
 
 
 def test_mount_with_missing_blob_is_one_line(built, tmp_path):
@@ -187,7 +181,7 @@ def test_mount_with_missing_blob_is_one_line(built, tmp_path):
     p = run_rafsfs_proc("mount", boots["zstd"], tmp_path / "mnt", "--foreground", "--blob-dir", tmp_path / "empty",
                         timeout=60)
     _one_error_line(p, "cannot read blob")
-    assert not _is_mounted(tmp_path / "mnt")
+    assert not is_mounted(tmp_path / "mnt")
 
 
 def test_only_local_data_is_read_on_the_event_loop(tmp_path):
@@ -243,7 +237,7 @@ def test_daemon_mode_and_umount(built, tmp_path):
     mnt.mkdir()
     p = run_rafsfs_proc("mount", boots["zstd"], mnt, "--blob-dir", d / "blobs", "--log-file", tmp_path / "log",
                         "--pid-file", tmp_path / "pid", check=0)
-    assert "mounted" in p.stdout and _is_mounted(mnt)
+    assert "mounted" in p.stdout and is_mounted(mnt)
     pid = int((tmp_path / "pid").read_text())
     assert len(os.listdir(mnt)) > 0
     run_rafsfs_proc("umount", mnt, check=0)
@@ -256,4 +250,4 @@ def test_daemon_mode_and_umount(built, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("daemon did not exit after umount")
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)

@@ -66,12 +66,8 @@ def get(reg, repo: str, what: str, accept: str = OCI_MANIFEST) -> requests.Respo
 
 
 @pytest.fixture(scope="module")
-def expected(tmp_path_factory, have_root) -> Path:
-    if not have_root:
-        pytest.skip("the expected tree has owners, and FUSE mounts need root")
-    root = tmp_path_factory.mktemp("oci-expected") / "tree"
-    oci_layers.make_tree(root, oci_layers.EXPECTED)
-    return root
+def expected(tmp_path_factory) -> Path:
+    return oci_layers.expected_tree(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,18 @@ chunk cache in the background; files not asked for stay unfetched."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 
-from conftest import run_rafsfs_proc
+from conftest import needs_fuse, run_rafsfs_proc
 from test_fuse import FuseMount
 
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.direct import DirectChunkSource
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="FUSE mounts need root and /dev/fuse")
+pytestmark = needs_fuse
 
 
 @pytest.fixture(scope="module")

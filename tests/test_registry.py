@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_rafsfs_proc
+from conftest import needs_fuse, run_rafsfs_proc
 from registry_env import start_registry
 from test_fuse import FuseMount
 from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_image, snapshot_tree
@@ -29,8 +29,6 @@ from rafsfs.storage.open import source_from_config
 MiB = 1 << 20
 REPO = "rafsfs/test"
 
-needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="FUSE mounts need root and /dev/fuse")
 
 
 # ---------------------------------------------------------------------------------------------- images
