@@ -27,7 +27,7 @@ def open_errno(exc: BaseException) -> int:
 
 
 def device_error(exc: OSError, what: str) -> FscacheError:
-    """A failed open/command on /dev/cachefiles as a one-line reason."""
+    """A failed open/command on /dev/cachefiles as a one-line reason, carrying the OS errno (``.errno``)."""
     e = exc.errno
     hints = {
         errno.ENOENT: "no /dev/cachefiles (the kernel has no cachefiles support)",
@@ -38,4 +38,7 @@ def device_error(exc: OSError, what: str) -> FscacheError:
         errno.EOPNOTSUPP: "the cache directory's filesystem cannot hold a cache (use ext4 or xfs, not tmpfs)",
         errno.EROFS: "the cache directory is on a read-only filesystem",
     }
-    return FscacheError(f"{what}: {hints.get(e, exc.strerror or str(exc))}")
+    err = FscacheError(f"{what}: {hints.get(e, exc.strerror or str(exc))}")
+    if e:
+        err.errno = e
+    return err

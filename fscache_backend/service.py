@@ -64,8 +64,7 @@ def mount_foreground(req: dict, settings: Settings | None = None, verbose: bool 
             run_supervisor(settings, req, verbose, on_mounted)
             return 0
         except FscacheError as e:
-            busy = isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EBUSY
-            if "in use by another" not in str(e) and not busy:
+            if e.errno != errno.EBUSY:  # not another daemon holding /dev/cachefiles: a real failure
                 raise
         time.sleep(0.1)  # another daemon is starting or exiting right now
     raise FscacheError("/dev/cachefiles stays busy but no rafsfs daemon answers")

@@ -305,3 +305,14 @@ def test_a_domain_too_long_for_the_kernels_mount_names_is_one_line(monkeypatch):
     d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), False)
     with pytest.raises(FscacheError, match="too long"):  # never a loop that stops the daemon
         d._unique_fsid("0" * 40, ["0" * 40])
+
+
+def test_device_errors_keep_their_errno():
+    """A busy /dev/cachefiles (another daemon starting) is told apart by its errno, not by the message's words."""
+    import errno
+
+    from fscache_backend.errors import device_error
+
+    busy = device_error(OSError(errno.EBUSY, "Device or resource busy"), "cannot open /dev/cachefiles")
+    assert busy.errno == errno.EBUSY and "in use by another cache daemon" in str(busy)
+    assert device_error(OSError(errno.EACCES, "Permission denied"), "x").errno == errno.EACCES
