@@ -421,6 +421,23 @@ def test_nydusd_reads_the_registry_and_a_dead_registry_is_eio_not_a_hang(data_im
             assert reg.blob_gets(digest)
         finally:
             _nydusd_stop(p, mnt)
+        # the snapshotter's shipped config prefetches whole blobs: started once the deferred source exists
+        from rafsfs.api import ApiClient
+
+        pf = dict(reg.nydusd_config(REPO, tmp_path / "cache-pf"),
+                  fs_prefetch={"enable": True, "prefetch_all": True, "threads_count": 2})
+        p = _nydusd_mount(boot, _write_config(tmp_path / "pf.json", pf), mnt, tmp_path / "api-pf.sock",
+                          tmp_path / "pf.log")
+        try:
+            api = ApiClient(str(tmp_path / "api-pf.sock"))
+            chunks = RafsImage.open(str(boot)).blobs[0].chunk_count
+            deadline = time.monotonic() + 60
+            while api.cache_metrics()["prefetched_chunks"] < chunks:  # nothing was read: all of it prefetched
+                assert time.monotonic() < deadline, api.cache_metrics()
+                time.sleep(0.2)
+            assert api.cache_metrics()["misses"] == 0
+        finally:
+            _nydusd_stop(p, mnt)
         reg.kill()
         cfg2 = _write_config(tmp_path / "nydusd2.json", dict(reg.nydusd_config(REPO, tmp_path / "cache2")))
         log2 = tmp_path / "nydusd2.log"
