@@ -604,3 +604,20 @@ def test_reads_do_not_queue_behind_background_fetches(small_files, tmp_path):
     for i in (1, 3):
         assert img.read(img.resolve(f"/s{i:02d}"), 0, 4096, cache) == files[f"/s{i:02d}"]
     cache.close()
+
+
+def test_wait_idle_with_a_quiet_period(image, tmp_path):
+    """Whole-blob prefetch waits until reads have been quiet for a while: wait_idle(quiet=...) is False right after
+    a read and True once that long has passed without one."""
+    import time
+
+    boot, blobs, files = image
+    img = RafsImage.open(str(boot))
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "c"), readahead=0))
+    assert img.read(img.resolve("/f1"), 0, 4096, cache) == files["/f1"][:4096]
+    t0 = time.monotonic()
+    assert cache.wait_idle(timeout=0.05, quiet=0.5) is False
+    assert cache.wait_idle(timeout=5, quiet=0.3) is True
+    assert time.monotonic() - t0 >= 0.25
+    assert cache.wait_idle(timeout=0.05) is True  # no quiet period asked: idle now
+    cache.close()

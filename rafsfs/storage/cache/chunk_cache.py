@@ -78,6 +78,7 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
         self._demand = 0  # on-demand ensure() calls running now
+        self._demand_end = time.monotonic()  # when the last one ended
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
@@ -154,10 +155,21 @@ class ChunkCache:
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no on-demand read is fetching (background work goes behind on-demand reads)."""
+    def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
+        """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
+        behind on-demand reads); False after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            return self._idle.wait_for(lambda: self._demand == 0, timeout)
+            while True:
+                now = time.monotonic()
+                wait = None if self._demand else self._demand_end + quiet - now
+                if wait is not None and wait <= 0:
+                    return True
+                if deadline is not None:
+                    if deadline <= now:
+                        return False
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
+                self._idle.wait(wait)
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
                merge_limit: int | None = None, along: list[ChunkRef] = ()) -> list[ChunkRef]:
@@ -213,6 +225,7 @@ class ChunkCache:
                 with self._idle:
                     self._demand -= 1
                     if self._demand == 0:
+                        self._demand_end = time.monotonic()
                         self._idle.notify_all()
         if error is not None:
             raise error

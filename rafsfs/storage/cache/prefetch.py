@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WHOLE_BLOB_QUIET = 0.5  # seconds without on-demand fetching before whole-blob prefetch goes on
+
 
 @dataclass
 class PrefetchPlan:
@@ -76,9 +78,10 @@ class Prefetcher:
                 info, digest = self.image.chunk_info(blob.index, ci, self.cache)
                 yield ChunkRef(blob.index, ci, info, digest)
 
-    def _chunks(self) -> Iterator[ChunkRef]:
+    def _chunks(self) -> Iterator[tuple[ChunkRef, bool]]:
+        """(chunk, from the whole-blob part of the plan), files first."""
         seen: set[tuple[int, int]] = set()
-        sources: list[Iterable[ChunkRef]] = []
+        sources: list[tuple[Iterable[ChunkRef], bool]] = []
         seen_nids: set[int] = set()
 
         def file_refs() -> Iterator[ChunkRef]:
@@ -87,31 +90,35 @@ class Prefetcher:
                     seen_nids.add(nid)
                     yield from self._file_chunks(nid)
 
-        sources.append(file_refs())
+        sources.append((file_refs(), False))
         if self.plan.whole_blobs:
-            sources.append(self._blob_chunks())
-        for src in sources:
+            sources.append((self._blob_chunks(), True))
+        for src, whole in sources:
             for ref in src:
                 key = (ref.blob_index, ref.ci_index)
                 if key not in seen:
                     seen.add(key)
-                    yield ref
+                    yield ref, whole
 
-    def _plan_batches(self) -> Iterator[tuple[int, list[ChunkRef]]]:
+    def _plan_batches(self) -> Iterator[tuple[int, list[ChunkRef], bool]]:
+        """(blob index, chunks, whole-blob part) batches of at most ``amplify_io`` compressed bytes."""
         limit = self.cache.opts.amplify_io
         batch: list[ChunkRef] = []
         size = 0
-        for ref in self._chunks():
-            if batch and (ref.blob_index != batch[0].blob_index or size + ref.info.compressed_size > limit):
-                yield batch[0].blob_index, batch
+        batch_whole = False
+        for ref, whole in self._chunks():
+            if batch and (ref.blob_index != batch[0].blob_index or whole != batch_whole
+                          or size + ref.info.compressed_size > limit):
+                yield batch[0].blob_index, batch, batch_whole
                 batch, size = [], 0
             batch.append(ref)
+            batch_whole = whole
             size += ref.info.compressed_size
         if batch:
-            yield batch[0].blob_index, batch
+            yield batch[0].blob_index, batch, batch_whole
 
     # ------------------------------------------------------------------ running
-    def _next_batch(self) -> tuple[int, list[ChunkRef]] | None:
+    def _next_batch(self) -> tuple[int, list[ChunkRef], bool] | None:
         with self._lock:
             assert self._batches is not None
             try:
@@ -127,13 +134,17 @@ class Prefetcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            while not self.cache.wait_idle(timeout=0.2):
+            item = self._next_batch()
+            if item is None:
+                return
+            bidx, batch, whole = item
+            # the files asked for go as soon as no read is fetching; the rest of the blobs only once reads have
+            # been quiet for a while (a program starting reads in bursts: it gets both cores meanwhile)
+            while not self.cache.wait_idle(timeout=0.2, quiet=WHOLE_BLOB_QUIET if whole else 0.0):
                 if self._stop.is_set():
                     return
-            item = self._next_batch()
-            if item is None or self._stop.is_set():
+            if self._stop.is_set():
                 return
-            bidx, batch = item
             blob = self.image.blobs[bidx]
             try:
                 self.cache.ensure(blob, batch, background=True)
