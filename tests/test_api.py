@@ -372,6 +372,7 @@ def test_nydusd_prefetch(image, tmp_path, how):
         c = ApiClient(str(sock))
         want = 8 if how == "fs_prefetch" else 4  # 300,000 + 200,000 + 5,000 bytes in 64K chunks / b.bin alone
         _wait(lambda: c.cache_metrics().get("prefetched_chunks", 0) >= want, what="prefetch")
+        assert c.daemon_info()["state"] == "RUNNING"  # prefetch may finish before the mount is up: wait for it
         m = c.cache_metrics()
         assert m["bytes_served"] == 0 and m["misses"] == 0  # nobody read anything: it was all prefetch
         assert (mnt / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
