@@ -614,10 +614,10 @@ def test_wait_idle_with_a_quiet_period(image, tmp_path):
     boot, blobs, files = image
     img = RafsImage.open(str(boot))
     cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "c"), readahead=0))
-    assert img.read(img.resolve("/f1"), 0, 4096, cache) == files["/f1"][:4096]
     t0 = time.monotonic()
-    assert cache.wait_idle(timeout=0.05, quiet=0.5) is False
-    assert cache.wait_idle(timeout=5, quiet=0.3) is True
-    assert time.monotonic() - t0 >= 0.25
+    assert img.read(img.resolve("/f1"), 0, 4096, cache) == files["/f1"][:4096]
+    assert cache.wait_idle(timeout=0.05, quiet=5.0) is False
+    assert cache.wait_idle(timeout=10, quiet=0.3) is True
+    assert time.monotonic() - t0 >= 0.3
     assert cache.wait_idle(timeout=0.05) is True  # no quiet period asked: idle now
     cache.close()
