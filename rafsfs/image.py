@@ -684,6 +684,11 @@ class RafsImage:
             self._chunk_table = table
         return self._chunk_table
 
+    def chunk_ref(self, blob_index: int, ci_index: int, source: ChunkSource | None = None) -> ChunkRef:
+        """Chunk ``ci_index`` of a Nydus blob, located (:meth:`chunk_info`)."""
+        info, digest = self.chunk_info(blob_index, ci_index, source)
+        return ChunkRef(blob_index, ci_index, info, digest)
+
     def chunk_info(self, blob_index: int, ci_index: int,
                    source: ChunkSource | None = None) -> tuple[bm.ChunkInfo, bytes | None]:
         """Location and digest of one chunk of a Nydus blob."""
@@ -809,9 +814,9 @@ class RafsImage:
         i = max(0, bisect.bisect_right(starts, offset) - 1)
         end = offset + size
         while i < len(starts) and starts[i] < end:
-            info, digest = self.chunk_info(blob.index, cis[i], source)
-            if info.uncompressed_offset + info.uncompressed_size > offset:
-                out.append(ChunkRef(blob.index, cis[i], info, digest))
+            ref = self.chunk_ref(blob.index, cis[i], source)
+            if ref.info.uncompressed_offset + ref.info.uncompressed_size > offset:
+                out.append(ref)
             i += 1
         return out
 

@@ -312,13 +312,14 @@ class ChunkCache:
             if (bc.name, ci) in self._riders:
                 break  # came along with an earlier request: what follows did too
             try:
-                info, digest = image.chunk_info(blob.index, ci, self)
+                ref = image.chunk_ref(blob.index, ci, self)
             except RafsError:  # a neighbour is only a bonus: its trouble is for its own reader to meet
                 break
+            info = ref.info
             if not follows(end, info.compressed_offset) or \
                     info.compressed_offset + info.compressed_size > start + limit:
                 break
-            out.append(ChunkRef(blob.index, ci, info, digest))
+            out.append(ref)
             end = info.compressed_offset + info.compressed_size
             ci += 1
         return out
@@ -383,11 +384,7 @@ class ChunkCache:
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
-        refs = []
-        for ci in range(start, end):
-            if not bc.is_ready(ci):
-                info, digest = image.chunk_info(blob.index, ci, self)
-                refs.append(ChunkRef(blob.index, ci, info, digest))
+        refs = [image.chunk_ref(blob.index, ci, self) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
             pool.submit(self._background_ensure, blob, refs)
 

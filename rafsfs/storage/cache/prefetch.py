@@ -75,8 +75,7 @@ class Prefetcher:
             if not blob.nydus:
                 continue
             for ci in range(blob.chunk_count):
-                info, digest = self.image.chunk_info(blob.index, ci, self.cache)
-                yield ChunkRef(blob.index, ci, info, digest)
+                yield self.image.chunk_ref(blob.index, ci, self.cache)
 
     def _chunks(self) -> Iterator[tuple[ChunkRef, bool]]:
         """(chunk, from the whole-blob part of the plan), files first."""
