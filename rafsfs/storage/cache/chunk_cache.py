@@ -155,6 +155,32 @@ class ChunkCache:
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
 
+    def adopt_entry(self, entry: BlobCacheFile) -> None:
+        """Use ``entry``, opened elsewhere, for its blob: in fanotify mode the supervisor opens every data file before
+        placing the pre-content mark (writes through such a descriptor raise no events) and its forked workers fill
+        through it.  The ready map is read again: an earlier worker may have filled chunks since it was opened."""
+        entry.ready[:] = os.pread(entry.map_fd, len(entry.ready), 0)
+        with self._lock:
+            self._blobs[entry.name] = entry
+
+    def fill(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> None:
+        """Make ``chunks`` present in the data file for a reader that reads it directly (the kernel, in fanotify
+        mode): like a read (readahead, neighbours), without copying the bytes out.  Chunks another process filled
+        meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again."""
+        bc = self._blob(blob)
+        missing = [c.ci_index for c in chunks if not bc.is_ready(c.ci_index)]
+        if not missing:
+            self.metrics.hit()
+            return
+        lo, hi = min(missing), max(missing) + 1
+        fresh = os.pread(bc.map_fd, hi - lo, lo)
+        for ci in missing:
+            if ci - lo < len(fresh) and fresh[ci - lo] == 1:
+                bc.ready[ci] = 1
+        if self.opts.readahead:
+            self._read_ahead(image, blob, bc, chunks)
+        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+
     def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
         """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
         behind on-demand reads); False after ``timeout``."""

@@ -1,0 +1,202 @@
+"""The filler: reads pre-content events into the journal, makes the chunks under each event's range present through
+the chunk cache, and answers.
+
+One event = a range of one blob's data file that the kernel's EROFS is about to read.  The range is clipped to the
+blob's size (the kernel widens it to whole pages, past EOF too); an empty range is allowed at once.  The chunks that
+cover it come from the image's blob layout (``RafsImage.blob_chunks``) and are made present by ``ChunkCache.fill``
+(fetch, merge, decompress, verify, store: the path every mode shares).  ``FAN_ALLOW`` is written only after every one
+of those chunks is marked ready in the cache's map (a chunk is marked only after its verified bytes are written);
+anything else is ``FAN_DENY_ERRNO(EIO)``.  Holes are never allowed.
+
+Errors map to an answer in one place (:meth:`Filler._decide`): a RafsError (fetch, digest, bad image) is EIO, and so
+is a bug (logged with its traceback).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from rafsfs.errors import RafsError
+from rafsfs.image import BlobInfo, RafsImage
+from rafsfs.storage.cache.blob_file import BlobCacheFile
+from rafsfs.storage.cache.chunk_cache import ChunkCache
+
+from . import fanotify as fa
+from .journal import GOT, Journal
+
+log = logging.getLogger(__name__)
+
+HANDLERS = 16  # events filled at the same time
+LATENCIES = 1 << 16  # handler latencies kept for p50/p99
+
+
+@dataclass(eq=False)
+class Target:
+    """A blob's data file as the kernel reads it (the ``device=`` of the mount)."""
+
+    blobs: list[BlobInfo]  # the image's blobs stored in this entry (one, unless the image lists a blob twice)
+    entry: BlobCacheFile  # opened before the mark: the descriptor every write goes through
+    size: int  # bytes: ranges are clipped to this
+    marked: bool
+
+    @property
+    def path(self) -> str:
+        return self.entry.data_path
+
+
+class Filler:
+    def __init__(self, group: int, journal: Journal, image: RafsImage, cache: ChunkCache, targets: list[Target],
+                 handlers: int = HANDLERS):
+        self.group = group
+        self.journal = journal
+        self.image = image
+        self.cache = cache
+        self.targets = targets
+        self.by_inode: dict[tuple[int, int], Target] = {}
+        for t in targets:
+            st = os.fstat(t.entry.data_fd)
+            self.by_inode[(st.st_dev, st.st_ino)] = t
+        self.pool = ThreadPoolExecutor(handlers, thread_name_prefix="fanotify-fill")
+        self.free: queue.Queue[int] = queue.Queue()
+        self._left: dict[int, int] = {}  # slot -> events not answered yet
+        self._lock = threading.Lock()
+        self.events = 0
+        self.event_bytes = 0
+        self.denied = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+
+    # ------------------------------------------------------------------ one event
+    def _fill_range(self, t: Target, offset: int, count: int) -> bool:
+        """Make [offset, offset+count) of ``t`` readable; True when every chunk under it is ready."""
+        end = min(offset + count, t.size)
+        if count == 0 or offset >= end:
+            return True
+        ok = True
+        for blob in t.blobs:
+            chunks = self.image.blob_chunks(blob, offset, end - offset, self.cache)
+            if chunks:
+                self.cache.fill(self.image, blob, chunks)
+            ok = ok and all(self.cache.is_ready(blob, c) for c in chunks)
+        return ok
+
+    def _decide(self, ev: fa.Event, targets: list[Target]) -> int:
+        """The answer for ``ev`` once its range is filled in each of ``targets``: the one place errors become an
+        answer."""
+        if not ev.mask & fa.FAN_PRE_ACCESS:
+            return fa.FAN_ALLOW
+        try:
+            ok = all(self._fill_range(t, ev.offset, ev.count) for t in targets)
+            if not ok:
+                log.error("fill of %d bytes at %d left a chunk missing: answering EIO", ev.count, ev.offset)
+            return fa.FAN_ALLOW if ok else fa.DENY_EIO
+        except RafsError as e:
+            log.warning("range %d+%d: %s: EIO", ev.offset, ev.count, e)
+        except Exception:
+            log.exception("range %d+%d: internal error: EIO", ev.offset, ev.count)
+        return fa.DENY_EIO
+
+    def _target_of(self, fd: int) -> list[Target]:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return self.targets
+        t = self.by_inode.get((st.st_dev, st.st_ino))
+        return [t] if t is not None else []
+
+    def _answer(self, fd: int, response: int) -> None:
+        try:
+            if not fa.respond(self.group, fd, response):
+                log.debug("event fd %d was answered already", fd)
+        except OSError as e:  # EINVAL would mean a bad answer: keep going, the event stays for a successor
+            log.error("cannot answer event fd %d: %s", fd, e)
+
+    def _handle(self, slot: int, i: int, ev: fa.Event, t0: float) -> None:
+        try:
+            if ev.fd < 0:  # FAN_NOFD: an overflow notice, nothing to answer
+                response = None
+            else:
+                targets = self._target_of(ev.fd)
+                response = self._decide(ev, targets) if targets else fa.FAN_ALLOW  # not ours: nothing to fill
+            if response is not None:
+                self._answer(ev.fd, response)
+                if response != fa.FAN_ALLOW:
+                    self.denied += 1
+            self.journal.set_answered(slot, i)
+            if ev.fd >= 0:
+                os.close(ev.fd)
+            self.latencies.append(time.monotonic() - t0)
+        except BaseException:
+            log.exception("event handler")
+            raise
+        finally:
+            with self._lock:
+                self._left[slot] -= 1
+                done = self._left[slot] == 0
+            if done:
+                self.journal.clear(slot)
+                self.free.put(slot)
+
+    # ------------------------------------------------------------------ a predecessor's orphans
+    def recover(self) -> int:
+        """Answer every event a dead worker left unanswered: fill ALL their ranges first, then answer ALL their
+        numbers (an answer to number N releases the oldest pending event numbered N).  Their fds died with the
+        worker, so the blob is unknown: each range is filled in every blob still marked."""
+        orphans = self.journal.pending()
+        if orphans:
+            targets = [t for t in self.targets if t.marked]
+            futures = [self.pool.submit(self._decide, ev, targets) for _, _, ev in orphans]
+            wait(futures)
+            for (slot, i, ev), fut in zip(orphans, futures):
+                if ev.fd >= 0:
+                    self._answer(ev.fd, fut.result())
+                self.journal.set_answered(slot, i)
+            log.info("answered %d event(s) left by the previous filler", len(orphans))
+        for s in range(self.journal.slots):
+            self.journal.clear(s)
+        return len(orphans)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        """Read events until the group fails; each batch goes to the handler pool.  Only after :meth:`recover`."""
+        for s in range(self.journal.slots):
+            self.free.put(s)
+        while True:
+            slot = self.free.get()
+            addr, size = self.journal.begin_read(slot)
+            try:
+                n = fa.read_into(self.group, addr, size)
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN):
+                    self.journal.clear(slot)
+                    self.free.put(slot)
+                    continue
+                raise
+            t0 = time.monotonic()
+            self.journal.set_state(slot, GOT)
+            events = self.journal.events(slot) if n > 0 else []
+            if not events:
+                self.journal.clear(slot)
+                self.free.put(slot)
+                continue
+            self.events += len(events)
+            self.event_bytes += sum(ev.count for ev in events)
+            with self._lock:
+                self._left[slot] = len(events)
+            for i, ev in enumerate(events):
+                self.pool.submit(self._handle, slot, i, ev, t0)
+
+    def stats(self) -> dict:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6, 1) if lat else None
+
+        return {"events": self.events, "event_bytes": self.event_bytes, "denied": self.denied,
+                "handler_us": {"p50": pct(0.5), "p99": pct(0.99)}}

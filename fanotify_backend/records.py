@@ -1,0 +1,96 @@
+"""Mount records, and the orphan check.
+
+The supervisor writes one record per mount (``$RAFSFS_FANOTIFY_RUN``, default ``/run/rafsfs/fanotify``) and removes
+it when it stops.  A record whose mount still exists but whose supervisor is gone is an orphaned mount: the group
+died with the daemon, so the kernel now answers every read of a hole with zeros (fanotify fails open).
+:func:`orphan_message` says so in one line, with the way out; ``rafsfs mount`` and ``rafsfs stats`` call it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from rafsfs.atomic import write_text
+
+
+def run_dir() -> str:
+    return os.environ.get("RAFSFS_FANOTIFY_RUN", "/run/rafsfs/fanotify")
+
+
+@dataclass
+class MountRecord:
+    mountpoint: str
+    bootstrap: str
+    pid: int  # the supervisor (holds the group)
+    pid_start: int  # its start time in clock ticks (/proc/PID/stat field 22): pid reuse is not mistaken for it
+    mount_id: int
+    data_files: list[str]
+
+
+def _path(mountpoint: str) -> str:
+    tag = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
+    return os.path.join(run_dir(), f"{mountpoint.strip('/').replace('/', '_')[-80:] or 'root'}-{tag}.json")
+
+
+def process_start(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def write_record(rec: MountRecord) -> None:
+    os.makedirs(run_dir(), exist_ok=True)
+    write_text(_path(rec.mountpoint), json.dumps(asdict(rec)))
+
+
+def read_record(mountpoint: str) -> MountRecord | None:
+    try:
+        with open(_path(mountpoint)) as f:
+            return MountRecord(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def remove_record(mountpoint: str) -> None:
+    try:
+        os.unlink(_path(mountpoint))
+    except FileNotFoundError:
+        pass
+
+
+def mount_ids(target: str) -> list[int]:
+    """Mount ids of the mounts at ``target`` (mountinfo; no stat of the mountpoint)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                out.append(int(fields[0]))
+    return out
+
+
+def alive(rec: MountRecord) -> bool:
+    return process_start(rec.pid) == rec.pid_start
+
+
+def orphan_message(mountpoint: str) -> str | None:
+    """One line when ``mountpoint`` is a fanotify mount whose daemon is gone; None otherwise (not ours, healthy, or
+    no longer mounted: a stale record is removed)."""
+    target = os.path.realpath(mountpoint)
+    rec = read_record(target)
+    if rec is None:
+        return None
+    if rec.mount_id not in mount_ids(target):
+        if not alive(rec):
+            remove_record(target)
+        return None
+    if alive(rec):
+        return None
+    return (f"{target} is an orphaned fanotify mount: its daemon (pid {rec.pid}) is gone, so data not fetched yet "
+            f"reads as zeros instead of being filled; recover: umount {target} (umount -l if busy), then mount "
+            f"{rec.bootstrap} again")
