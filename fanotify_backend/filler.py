@@ -55,6 +55,7 @@ class Filler:
     def __init__(self, group: int, journal: Journal, image: RafsImage, cache: ChunkCache, targets: list[Target],
                  handlers: int = HANDLERS):
         self.group = group
+        self.pid = os.getpid()
         self.journal = journal
         self.image = image
         self.cache = cache
@@ -89,8 +90,8 @@ class Filler:
     def _decide(self, ev: fa.Event, targets: list[Target]) -> int:
         """The answer for ``ev`` once its range is filled in each of ``targets``: the one place errors become an
         answer."""
-        if not ev.mask & fa.FAN_PRE_ACCESS:
-            return fa.FAN_ALLOW
+        if not ev.mask & fa.FAN_PRE_ACCESS or ev.pid == self.pid:
+            return fa.FAN_ALLOW  # our own access (a write through a descriptor that raises events): never wait on it
         try:
             ok = all(self._fill_range(t, ev.offset, ev.count) for t in targets)
             if not ok:

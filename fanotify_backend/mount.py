@@ -187,6 +187,11 @@ class _Supervisor:
             t = by_name.get(name)
             if t is None:
                 entry = BlobCacheFile(self.cfg.cache.work_dir, blob)  # BEFORE the mark (module docstring)
+                borrowed = records.borrow_fill_fd(entry.data_path)
+                if borrowed is not None:  # another daemon marked it already: use its before-mark descriptor
+                    os.dup2(borrowed[0], entry.data_fd, inheritable=False)
+                    os.close(borrowed[0])
+                    log.info("blob %s: sharing the data file of fanotify daemon %d", name, borrowed[1])
                 t = by_name[name] = Target([], entry, max(blob.uncompressed_size, os.fstat(entry.data_fd).st_size),
                                            False)
                 self.targets.append(t)
@@ -247,7 +252,8 @@ class _Supervisor:
         ids = records.mount_ids(self.mountpoint)
         self.mount_id = ids[-1] if ids else 0
         records.write_record(records.MountRecord(self.mountpoint, self.image.name, self.pid,
-                                                 records.process_start(self.pid) or 0, self.mount_id, self.devices))
+                                                 records.process_start(self.pid) or 0, self.mount_id, self.devices,
+                                                 [t.entry.data_fd for t in self.targets]))
         log.info("mounted %s on %s (fanotify, supervisor pid %d)", self.image.name, self.mountpoint, self.pid)
 
     # -------------------------------------------------------------- running
@@ -275,7 +281,7 @@ class _Supervisor:
                     elif fd == mi.fileno():
                         mi.seek(0)
                         mi.read()
-                        if self.mount_id not in records.mount_ids(self.mountpoint):
+                        if records.mount_path(self.mount_id) is None:
                             log.info("%s was unmounted", self.mountpoint)
                             return
                     elif fd == self.worker_fd:
@@ -300,11 +306,14 @@ class _Supervisor:
 
     def unmount(self) -> bool:
         """Unmount before the group closes (fanotify fails open).  False when the mount is busy: keep serving."""
+        where = records.mount_path(self.mount_id)
+        if where is None:
+            return True  # unmounted already
         try:
-            sysmount.umount(self.mountpoint)
+            sysmount.umount(where)
         except OSError as e:
-            if e.errno == errno.EINVAL and self.mount_id not in records.mount_ids(self.mountpoint):
-                return True  # unmounted already
+            if records.mount_path(self.mount_id) is None:
+                return True
             log.error("cannot unmount %s (%s): still serving it", self.mountpoint, e.strerror)
             return False
         log.info("unmounted %s", self.mountpoint)

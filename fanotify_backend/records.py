@@ -7,12 +7,16 @@ died with the daemon, so the kernel now answers every read of a hole with zeros 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 
 from rafsfs.atomic import write_text
+
+_SYS_PIDFD_GETFD = 438  # x86-64 and every architecture using the generic syscall table
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run_dir() -> str:
@@ -27,6 +31,7 @@ class MountRecord:
     pid_start: int  # its start time in clock ticks (/proc/PID/stat field 22): pid reuse is not mistaken for it
     mount_id: int
     data_files: list[str]
+    fill_fds: list[int]  # the supervisor's descriptor of each data file, opened before its mark (see borrow_fill_fd)
 
 
 def _path(mountpoint: str) -> str:
@@ -72,6 +77,57 @@ def mount_ids(target: str) -> list[int]:
             if fields[4].encode().decode("unicode_escape") == target:
                 out.append(int(fields[0]))
     return out
+
+
+def borrow_fill_fd(path: str) -> tuple[int, int] | None:
+    """(fd, pid): a duplicate of the before-mark descriptor another live fanotify supervisor holds for data file
+    ``path``, or None.  A descriptor opened now, with that daemon's mark on the file, would raise pre-content
+    events on every write (a daemon filling through it would wait on itself); a ``pidfd_getfd`` duplicate is the
+    same open file, which raises none.  Two images sharing a blob then fill one data file without events."""
+    try:
+        want = os.stat(path)
+        names = os.listdir(run_dir())
+    except OSError:
+        return None
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(run_dir(), name)) as f:
+                rec = MountRecord(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if rec.pid == os.getpid() or not alive(rec):
+            continue
+        for fd in rec.fill_fds:
+            try:
+                st = os.stat(f"/proc/{rec.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                continue
+            try:
+                pidfd = os.pidfd_open(rec.pid)
+            except OSError:
+                continue
+            try:
+                got = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+            finally:
+                os.close(pidfd)
+            if got >= 0:
+                os.set_inheritable(got, False)
+                return got, rec.pid
+    return None
+
+
+def mount_path(mount_id: int) -> str | None:
+    """Where mount ``mount_id`` is now (its mountpoint may have been renamed since), None if it is gone."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[0]) == mount_id:
+                return fields[4].encode().decode("unicode_escape")
+    return None
 
 
 def alive(rec: MountRecord) -> bool:

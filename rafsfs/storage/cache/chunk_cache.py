@@ -169,14 +169,15 @@ class ChunkCache:
         meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again."""
         bc = self._blob(blob)
         missing = [c.ci_index for c in chunks if not bc.is_ready(c.ci_index)]
-        if not missing:
+        if missing:
+            lo, hi = min(missing), max(missing) + 1
+            fresh = os.pread(bc.map_fd, hi - lo, lo)
+            for ci in missing:
+                if ci - lo < len(fresh) and fresh[ci - lo] == 1:
+                    bc.ready[ci] = 1
+        if all(bc.is_ready(c.ci_index) for c in chunks):
             self.metrics.hit()
             return
-        lo, hi = min(missing), max(missing) + 1
-        fresh = os.pread(bc.map_fd, hi - lo, lo)
-        for ci in missing:
-            if ci - lo < len(fresh) and fresh[ci - lo] == 1:
-                bc.ready[ci] = 1
         if self.opts.readahead:
             self._read_ahead(image, blob, bc, chunks)
         self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))

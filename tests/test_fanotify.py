@@ -1,0 +1,398 @@
+"""fanotify mode on the host kernel: real pre-content events, real file-backed EROFS, a real docker-registry.
+
+* the probe: a cache directory on tmpfs is refused in one line; the ext4 one passes;
+* the tricky tree mounted in fanotify mode equals the source (types, modes, owners, xattrs, bytes);
+* a corrupt chunk is EIO for its file only (never zeros, also when asked again); a registry that dies mid-read
+  gives EIO within the deadline and the mount works again once it is back;
+* two images sharing a blob, mounted at once, fetch its bytes once;
+* a daemon started again over a complete cache asks the registry nothing and places no marks;
+* SIGTERM / umount leave no mount, group or process behind; a daemon killed as a whole leaves an orphaned mount
+  that the check names in one line.
+
+The mode needs root, Linux >= 6.14 and an ext4/xfs/btrfs cache directory; CI has all three, so there these tests
+never skip (they fail with the probe's reason instead).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, is_mounted, run_rafsfs_proc
+from registry_env import start_registry
+from treeutil import assert_trees_equal
+
+from fanotify_backend import records
+from fanotify_backend.probe import unavailable_reason
+from rafsfs.image import RafsImage
+from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
+
+MiB = 1 << 20
+REPO_NAME = "test/fanotify"
+
+
+def _availability() -> str | None:
+    if os.geteuid() != 0:
+        return "fanotify mode needs root"
+    return unavailable_reason("/var/tmp/rafsfs-fanotify-probe")
+
+
+_WHY = _availability()
+if _WHY is not None and os.environ.get("CI"):  # CI runs as root on a 6.18 kernel: a refusal there is a failure
+    pytest.fail(f"fanotify mode unavailable in CI: {_WHY}", pytrace=False)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"fanotify mode unavailable: {_WHY}")
+
+
+# ---------------------------------------------------------------------------------------------- the daemon
+def fanotify_groups_marking(inode: int) -> list[str]:
+    """``pid:fd`` of every fanotify group on the machine holding a mark on ``inode`` (from /proc/*/fdinfo)."""
+    out = []
+    pat = re.compile(rf"^fanotify ino:{inode:x} ", re.M)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[fanotify]":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if pat.search(f.read()):
+                        out.append(f"{pid}:{fd}")
+            except OSError:
+                continue
+    return out
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+class FanotifyMount:
+    """``python -m fanotify_backend.mount`` as a child process (the supervisor; it forks the worker)."""
+
+    live: set[int] = set()  # supervisors of mounts not stopped yet (their groups are expected)
+
+    def __init__(self, boot: Path, mnt: Path, work_dir: Path, *args, timeout: float = 60):
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.mnt = mnt
+        self.work_dir = work_dir
+        self.apisock = str(mnt) + ".sock"
+        self.log = Path(str(mnt) + ".log")
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fanotify_backend.mount", str(boot), str(mnt), "--work-dir", str(work_dir),
+             "--apisock", self.apisock, *map(str, args)],
+            stdout=self._logf, stderr=self._logf, env=env, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"mount did not come up:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        FanotifyMount.live.add(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def worker(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            kids = children(self.pid)
+            if kids:
+                return kids[0]
+            assert time.monotonic() < deadline, "no worker"
+            time.sleep(0.01)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics(self) -> dict:
+        from rafsfs.api.client import ApiClient
+
+        return ApiClient(self.apisock).cache_metrics()
+
+    def stop(self, how: str = "sigterm") -> None:
+        """Stop it and check that nothing is left: no mount, no process, no group marking its data files."""
+        worker = children(self.pid)
+        if how == "sigterm":
+            self.proc.send_signal(signal.SIGTERM)
+        else:
+            subprocess.run(["umount", str(self.mnt)], check=True)
+        self.proc.wait(timeout=30)
+        FanotifyMount.live.discard(self.proc.pid)
+        self._logf.close()
+        assert self.proc.returncode == 0, self.log_text()[-3000:]
+        assert not is_mounted(self.mnt)
+        for pid in worker:
+            assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} left behind"
+        others = {p for sup in FanotifyMount.live for p in (sup, *children(sup))}
+        for f in self.work_dir.glob("*.blob.data"):
+            left = [g for g in fanotify_groups_marking(os.stat(f).st_ino) if int(g.split(":")[0]) not in others]
+            assert left == [], f"a group still marks {f}: {left}"
+        assert records.read_record(str(self.mnt.resolve())) is None
+        bad = [ln for ln in self.log_text().splitlines() if "Traceback" in ln or " ERROR" in ln]
+        assert not bad, self.log_text()[-3000:]
+
+    def kill(self) -> None:
+        """After a failure: take everything down, unmounting first (the mount fails open once the group is gone)."""
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        FanotifyMount.live.discard(self.proc.pid)
+        self._logf.close()
+
+
+def drop_caches() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def read_errno(path: Path, offset: int = 0, size: int = -1) -> bytes | int:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            return f.read(size if size >= 0 else os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        return e.errno
+
+
+# ---------------------------------------------------------------------------------------------- images
+@pytest.fixture(scope="module")
+def data_image(tmp_path_factory):
+    """A 24 MiB file (24 chunks) and eight small one-chunk files, zstd: (dir, bootstrap, blob file, {path: bytes})."""
+    d = tmp_path_factory.mktemp("fan-data")
+    src = d / "src"
+    (src / "small").mkdir(parents=True)
+    rnd = random.Random(7)
+    files = {"/big": rnd.randbytes(24 * MiB)}
+    for i in range(8):
+        files[f"/small/f{i}"] = rnd.randbytes(100_000 + i)
+    for p, data in files.items():
+        (src / p.lstrip("/")).write_bytes(data)
+    run_rafsfs_proc("build", src, "--bootstrap", d / "boot", "--blob-dir", d / "blobs", "--compressor", "zstd",
+                    check=0)
+    blob = d / "blobs" / RafsImage.open(str(d / "boot")).blobs[0].blob_id
+    return d, d / "boot", blob, files
+
+
+def _config(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_docker_credentials(tmp_path, monkeypatch):
+    (tmp_path / "docker-config").mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    monkeypatch.setenv("RAFSFS_FANOTIFY_RUN", str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_probe_refuses_tmpfs_in_one_line_and_accepts_ext4(data_image, tmp_path):
+    _, boot, _, _ = data_image
+    assert unavailable_reason(str(tmp_path / "cache")) is None
+    tmpfs = tmp_path / "tmpfs"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(tmpfs)], check=True)
+    try:
+        why = unavailable_reason(str(tmpfs / "cache"))
+        assert why is not None and "tmpfs" in why and "\n" not in why
+        p = subprocess.run([sys.executable, "-m", "fanotify_backend.mount", str(boot), str(tmp_path),
+                            "--blob-dir", str(boot.parent / "blobs"), "--work-dir", str(tmpfs / "cache")],
+                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert p.returncode == 1
+        assert p.stderr.count("\n") == 1 and "tmpfs" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not is_mounted(tmp_path)
+    finally:
+        subprocess.run(["umount", str(tmpfs)], check=True)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_tricky_tree_equals_source(tricky_src, tmp_path, compressor):
+    d = tmp_path / "img"
+    run_rafsfs_proc("build", tricky_src, "--bootstrap", d / "boot", "--blob-dir", d / "blobs", "--compressor",
+                    compressor, check=0)
+    m = FanotifyMount(d / "boot", tmp_path / "mnt", tmp_path / "cache", "--blob-dir", d / "blobs")
+    try:
+        assert "1 of 1 blob(s) marked" in m.log_text()
+        assert_trees_equal(tricky_src, m.mnt, check_symlink_mtime=True)
+        assert m.metrics()["fanotify"]["events"] > 0  # the kernel asked, the daemon filled
+    except BaseException:
+        m.kill()
+        raise
+    m.stop(how="umount")
+
+
+def test_corrupt_chunk_is_eio_for_its_file_only(data_image, tmp_path):
+    d, boot, blob, files = data_image
+    img = RafsImage.open(str(boot))
+    (chunk,) = img.chunks(img.resolve("/small/f3"))
+    bad_dir = tmp_path / "blobs"
+    bad_dir.mkdir()
+    raw = bytearray(blob.read_bytes())
+    raw[chunk.info.compressed_offset + chunk.info.compressed_size // 2] ^= 0x01
+    (bad_dir / blob.name).write_bytes(raw)
+    m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--blob-dir", bad_dir)
+    try:
+        for _ in range(2):  # and again: nothing (no zeros) was cached by the first attempt
+            assert read_errno(m.mnt / "small/f3") == errno.EIO
+            time.sleep(FAILURE_MEMORY)
+        for p, data in files.items():
+            if p != "/small/f3":
+                assert read_errno(m.mnt / p.lstrip("/")) == data, p
+        assert m.metrics()["fanotify"]["denied"] >= 1
+    except BaseException:
+        m.kill()
+        raise
+    m.stop()
+
+
+@pytest.mark.allow_log()
+def test_registry_dying_mid_read_is_eio_within_the_deadline(data_image, tmp_path):
+    """timeout 1.5 s, connect 1 s, 1 retry: a 5 s deadline per backend read (doubled: the kernel asks for the
+    readahead, then the page), plus slack for a loaded machine.  A fail-open would return zeros instead."""
+    d, boot, blob, files = data_image
+    big = files["/big"]
+    limit = 2 * (1.0 + 1.5) * 2 + 5
+    with start_registry(tmp_path / "reg") as reg:
+        reg.push_blob(REPO_NAME, blob)
+        cfg = _config(tmp_path / "nydusd.json", reg.nydusd_config(
+            REPO_NAME, tmp_path / "cache", timeout=1.5, connect_timeout=1.0, retry_limit=1))
+        m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--config", cfg)
+        try:
+            assert read_errno(m.mnt / "big", 0, MiB) == big[:MiB]
+            reg.kill()
+            t0 = time.monotonic()
+            got = read_errno(m.mnt / "big", 16 * MiB, MiB)
+            took = time.monotonic() - t0
+            assert got == errno.EIO and took < limit, (got if isinstance(got, int) else "data", took)
+            reg.start()
+            time.sleep(FAILURE_MEMORY)
+            assert read_errno(m.mnt / "big", 16 * MiB, MiB) == big[16 * MiB:17 * MiB]
+            assert read_errno(m.mnt / "big") == big
+        except BaseException:
+            m.kill()
+            raise
+        m.stop()
+
+
+def test_restart_over_a_complete_cache_asks_nothing_and_marks_nothing(data_image, tmp_path):
+    d, boot, blob, files = data_image
+    with start_registry(tmp_path / "reg") as reg:
+        reg.push_blob(REPO_NAME, blob)
+        cfg = _config(tmp_path / "nydusd.json", reg.nydusd_config(REPO_NAME, tmp_path / "cache"))
+        m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--config", cfg, "--prefetch-all")
+        try:
+            deadline = time.monotonic() + 60
+            while "is complete: mark removed" not in m.log_text():
+                assert time.monotonic() < deadline, m.log_text()[-2000:]
+                time.sleep(0.1)
+            data_file = next((tmp_path / "cache").glob("*.blob.data"))
+            assert fanotify_groups_marking(os.stat(data_file).st_ino) == []
+        except BaseException:
+            m.kill()
+            raise
+        m.stop()
+        before = len(reg.requests())
+        m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--config", cfg)
+        try:
+            assert "0 of 1 blob(s) marked" in m.log_text()
+            assert fanotify_groups_marking(os.stat(data_file).st_ino) == []
+            drop_caches()
+            for p, data in files.items():
+                assert read_errno(m.mnt / p.lstrip("/")) == data, p
+            assert m.metrics()["fanotify"]["events"] == 0
+        except BaseException:
+            m.kill()
+            raise
+        m.stop(how="umount")
+        assert len(reg.requests()) == before
+
+
+def test_two_images_sharing_a_blob_fetch_it_once(tmp_path):
+    """Two multi-layer images with the same bottom layer, mounted at the same time, every file of both read: the
+    shared blob's bytes come from the registry once (both daemons' groups see each read; the second finds the
+    chunks the first stored in the shared ready map)."""
+    from oci_layers import write_layers
+
+    layers = write_layers(tmp_path / "layers")
+    assert len(layers) >= 2
+    for name, ls in (("a", layers), ("b", layers[:1])):
+        run_rafsfs_proc("build", *ls, "--bootstrap", tmp_path / f"{name}.boot", "--blob-dir", tmp_path / "blobs",
+                        "--compressor", "zstd", check=0)
+    a, b = RafsImage.open(str(tmp_path / "a.boot")), RafsImage.open(str(tmp_path / "b.boot"))
+    shared = a.blobs[0]
+    assert b.blobs[0].blob_id == shared.blob_id
+    with start_registry(tmp_path / "reg") as reg, reg.counting_proxy() as px:
+        for blob in {x.blob_id for x in (*a.blobs, *b.blobs)}:
+            reg.push_blob(REPO_NAME, tmp_path / "blobs" / blob)
+        cfg = _config(tmp_path / "nydusd.json", reg.nydusd_config(REPO_NAME, tmp_path / "cache", host=px.host))
+        ma = FanotifyMount(tmp_path / "a.boot", tmp_path / "ma", tmp_path / "cache", "--config", cfg)
+        try:
+            mb = FanotifyMount(tmp_path / "b.boot", tmp_path / "mb", tmp_path / "cache", "--config", cfg)
+        except BaseException:
+            ma.kill()
+            raise
+        try:
+            assert "sharing the data file of fanotify daemon" in mb.log_text()  # no events on its own writes
+            for m in (mb, ma, mb):
+                for root, _, names in os.walk(m.mnt):
+                    for n in names:
+                        p = Path(root) / n
+                        if p.is_file() and not p.is_symlink():
+                            p.read_bytes()
+            assert px.blob_gets(shared.blob_id), "the shared blob was never fetched"
+            infos = [a.chunk_info(0, ci, None)[0] for ci in range(shared.chunk_count)]
+            for ci, info in enumerate(infos):  # each stored chunk came from the registry at most once
+                span = (info.compressed_offset, info.compressed_offset + info.compressed_size)
+                assert len(px.blob_gets(shared.blob_id, overlapping=span)) <= 1, (ci, span)
+        except BaseException:
+            ma.kill()
+            mb.kill()
+            raise
+        mb.stop()
+        ma.stop()
+
+
+def test_whole_daemon_killed_leaves_an_orphan_the_check_names(data_image, tmp_path):
+    d, boot, blob, files = data_image
+    m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--blob-dir", d / "blobs")
+    target = str((tmp_path / "mnt").resolve())
+    try:
+        assert records.orphan_message(target) is None
+        worker = m.worker()
+        os.kill(m.pid, signal.SIGKILL)
+        m.proc.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{worker}"):  # PR_SET_PDEATHSIG: the worker follows its supervisor
+            assert time.monotonic() < deadline, "the worker outlived its supervisor"
+            time.sleep(0.02)
+        msg = records.orphan_message(target)
+        assert msg is not None and "orphaned" in msg and f"umount {target}" in msg and "\n" not in msg
+        p = subprocess.run([sys.executable, "-m", "fanotify_backend.mount", str(boot), target, "--blob-dir",
+                            str(d / "blobs"), "--work-dir", str(tmp_path / "cache")], capture_output=True, text=True,
+                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert p.returncode == 1 and "orphaned" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "mnt")], capture_output=True)
+        m.kill()
+    assert records.orphan_message(target) is None  # unmounted: the stale record is dropped
