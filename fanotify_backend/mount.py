@@ -116,7 +116,10 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
         os._exit(71)
 
     threading.Thread(target=read_events, name="fanotify-read", daemon=True).start()
-    os.write(ready_w, b"R")
+    try:
+        os.write(ready_w, b"R")
+    except OSError:  # a respawned worker: the supervisor does not wait for this
+        pass
     os.close(ready_w)
     _serve_worker(sup, cache, filler)
 
@@ -197,6 +200,23 @@ class _Supervisor:
                 self.targets.append(t)
             t.blobs.append(blob)
             self.devices.append(t.path)
+
+    def prepare(self) -> None:
+        """What every worker would otherwise redo after each fork: imports, and the blob layouts when the bootstrap
+        has a chunk table (pure metadata; nothing here starts a thread or opens a connection)."""
+        from rafsfs.errors import BadImage
+        from rafsfs.storage.open import backend_from_config  # noqa: F401 - imports only
+        from rafsfs.storage.cache import chunk_cache, prefetch  # noqa: F401
+        from rafsfs.api import server  # noqa: F401
+
+        if self.cfg.backend.type == "registry":
+            from rafsfs.storage.backend import registry  # noqa: F401
+        self.image.chunk_table()
+        for blob in self.image.blobs:
+            try:
+                self.image.blob_chunks(blob, 0, 1, None)
+            except BadImage:
+                pass  # no chunk table: each worker reads blob.meta through the cache when first asked
 
     def mark(self) -> None:
         self.group = fa.init()
@@ -358,6 +378,7 @@ def run_fanotify(image: RafsImage, cfg: RafsConfig, mountpoint: str, options: Fa
     mounted = False
     try:
         sup.open_entries()
+        sup.prepare()
         sup.mark()
         sup.wait_ready(sup.spawn())
         if sup.stop:
