@@ -77,16 +77,17 @@ def _fscache_problem(req: MountRequest) -> tuple[str | None, str]:
     from fscache_backend.device import cache_dir_problem, probe
     from fscache_backend.settings import Settings
 
+    # the request first: the same command line must not be taken on one kernel and refused on another
+    supported = getattr(service, "MOUNT_OPTIONS", frozenset())  # the options the fscache service honours
+    dropped = [o for o in req.options if o not in supported]
+    if dropped:
+        return f"fscache mode does not take {' or '.join(dropped)}", ""
     ok, why = probe()
     if not ok:
         return why, why
     problem = cache_dir_problem(Settings.from_env().cache_dir)
     if problem is not None:
         return problem, problem
-    supported = getattr(service, "MOUNT_OPTIONS", frozenset())  # the options the fscache service honours
-    dropped = [o for o in req.options if o not in supported]
-    if dropped:
-        return f"fscache mode does not take {' or '.join(dropped)}", why
     return None, why
 
 
