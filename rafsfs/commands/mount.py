@@ -110,16 +110,21 @@ PROBES: dict[str, Callable[[MountRequest], tuple[str | None, str]]] = {
     "fscache": _fscache_problem, "fanotify": _fanotify_problem, "fuse": _fuse_problem}
 
 
-def select_mode(requested: str, req: MountRequest) -> str:
-    """The mode to mount with.  ``auto``: the first of :data:`MODES` that can serve ``req``, with one log line
-    saying which and why; a forced mode that cannot work is a one-line error with the reason."""
+SESSION_MODES = ("fanotify", "fuse")  # the modes that run in a MountSession (what rafsfs-nydusd can serve)
+
+
+def select_mode(requested: str, req: MountRequest, modes: tuple[str, ...] = MODES, what: str = "--mode") -> str:
+    """The mode to mount with.  ``auto``: the first of ``modes`` that can serve ``req``, with one log line saying
+    which and why; a forced mode that cannot work is a one-line error with the reason."""
     if requested != "auto":
+        if requested not in modes:
+            raise RafsError(f"{what} {requested} is not supported here (choose from {', '.join(modes)} or auto)")
         problem, _ = PROBES[requested](req)
         if problem is not None:
-            raise RafsError(f"--mode {requested} is not available: {problem} (use --mode fuse or auto)")
+            raise RafsError(f"{what} {requested} is not available: {problem} (use {what} fuse or auto)")
         return requested
     passed: list[str] = []
-    for mode in MODES:
+    for mode in modes:
         problem, why = PROBES[mode](req)
         if problem is None:
             because = "; ".join([*passed, why]) if passed else why
