@@ -444,3 +444,19 @@ def test_nydusd_forced_mode_that_cannot_work_is_one_line(image, tmp_path, mode, 
     errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
     assert p.returncode == 1 and len(errors) == 1 and words in errors[0], p.stderr
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_a_backend_adds_its_own_routes(tmp_path):
+    """DaemonHooks.routes: a backend's own API (fscache's v2 blob routes) without editing the server."""
+    seen = []
+    hooks = DaemonHooks(routes={("PUT", "/api/v2/blobs"): lambda q, b: seen.append(b) or {"ok": True},
+                                ("GET", "/api/v2/extra"): lambda q, b: None})
+    server = ApiServer(str(tmp_path / "s.sock"), "id", hooks).start()
+    try:
+        c = ApiClient(str(tmp_path / "s.sock"))
+        assert c.request("PUT", "/api/v2/blobs", {"blob_id": "x"}) == {"ok": True} and seen == [{"blob_id": "x"}]
+        assert c.get("/api/v2/extra") is None
+        with pytest.raises(ApiError, match="405|not allowed"):
+            c.request("POST", "/api/v2/extra")
+    finally:
+        server.close()
