@@ -370,7 +370,7 @@ def test_nydusd_prefetch(image, tmp_path, how):
                                  "--apisock", sock, *extra), env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: sock.exists() or p.poll() is not None, what="the API socket")
-        c = ApiClient(str(sock))
+        c = ApiClient(str(sock), timeout=60)  # a state query is held while INIT (up to 30 s)
         want = 8 if how == "fs_prefetch" else 4  # 300,000 + 200,000 + 5,000 bytes in 64K chunks / b.bin alone
         _wait(lambda: c.cache_metrics().get("prefetched_chunks", 0) >= want, what="prefetch")
         assert c.daemon_info()["state"] == "RUNNING"  # prefetch may finish before the mount is up: wait for it
