@@ -10,6 +10,7 @@ import trio
 
 from rafsfs.errors import RafsError
 from rafsfs.image import ChunkSource, RafsImage
+from rafsfs.storage.backend.base import deadline_cap
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.recent import RecentChunks
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 INLINE_MAX = 128 << 10  # with local data, files up to this size are read on the event loop (no thread hop)
 READ_AHEAD_KB = 1024  # the kernel then sends up to 1 MiB reads (pyfuse3's max_read option is broken, issue #49)
 MAX_TASKS = 64
+PROBE_DEADLINE = 3.0  # seconds a mount's probe of one blob may take (a read has the backend's full deadline)
 
 
 class MountError(RafsError):
@@ -50,7 +52,8 @@ def probe_blobs(image: RafsImage, source: ChunkSource | None) -> None:
         if fully_cached is not None and fully_cached(blob):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
-            source.read_raw(blob, 0, 1)
+            with deadline_cap(PROBE_DEADLINE):
+                source.read_raw(blob, 0, 1)
         except RafsError as e:
             raise MountError(f"cannot read blob {blob.ref.name}: {e}") from None
 
