@@ -16,8 +16,8 @@ client) is pointed at the proxy instead of the registry: as the origin (``"host"
         px.blob_gets(hex_digest)            # the GET records of one blob (any blob if None)
 
 Faults (``px.set(name, **params)``; one at a time; applied to requests whose path contains ``path`` -- default
-``/blobs/sha256:``, i.e. blob reads -- and only to the next ``count`` of them if ``count`` is given, after which the
-proxy is faithful again).  Every wait is bounded (``seconds``, default 30) and ends early on :meth:`clear` or when
+``/blobs/sha256:``, i.e. blob reads -- with HTTP method ``method`` if given, and only to the next ``count`` of them
+if ``count`` is given, after which the proxy is faithful again).  Every wait is bounded (``seconds``, default 30) and ends early on :meth:`clear` or when
 the proxy closes, so a test can never hang on its own proxy:
 
 ==============  ==================================================================================================
@@ -52,7 +52,7 @@ from typing import Any
 
 FAULTS = ("reset", "truncate", "stall", "trickle", "status", "ignore_range", "wrong_range", "challenge")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-               "transfer-encoding", "upgrade", "host", "content-length"}
+               "transfer-encoding", "upgrade", "content-length"}  # Host is kept: upload Locations name the proxy
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 _PIECE = 64 << 10
 MAX_WAIT = 120.0  # seconds: no fault holds a connection longer, whatever a test asks
@@ -77,13 +77,14 @@ class FaultProxy:
         self._thread.start()
 
     # ------------------------------------------------------------------ what tests call
-    def set(self, fault: str, *, path: str = "/blobs/sha256:", count: int | None = None, **params: Any) -> None:
+    def set(self, fault: str, *, path: str = "/blobs/sha256:", count: int | None = None, method: str | None = None,
+            **params: Any) -> None:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
         with self._lock:
             self._changed.set()  # a stall of the previous fault ends now
             self._changed = threading.Event()
-            self._fault = {"name": fault, "path": path, "count": count, **params}
+            self._fault = {"name": fault, "path": path, "count": count, "method": method, **params}
 
     def clear(self) -> None:
         with self._lock:
@@ -116,7 +117,8 @@ class FaultProxy:
         m = _RANGE.fullmatch(headers.get("Range", ""))
         with self._lock:
             f = self._fault
-            if f is not None and f["path"] in path and (f["count"] is None or f["count"] > 0):
+            if f is not None and f["path"] in path and f["method"] in (None, method) \
+                    and (f["count"] is None or f["count"] > 0):
                 if f["count"] is not None:
                     f["count"] -= 1
             else:
