@@ -508,4 +508,4 @@ def _describe(r: requests.Response, url: str) -> str:
         return f"access denied to {url} (HTTP {r.status_code}): check the registry credentials"
     if r.status_code == 416:
         return f"range not satisfiable at {url}: the blob is shorter than the image says"
-    return f"GET {url}: HTTP {r.status_code}"
+    return f"{r.request.method} {url}: HTTP {r.status_code}"
