@@ -213,6 +213,29 @@ def test_push_closes_the_file_of_every_attempt(registry, tmp_path):
         assert reg.admin_session(REPO).get(f"{reg.url}/v2/{REPO}/blobs/{digest}").content == data
 
 
+def test_oci_download_retries_a_cut_off_body(registry, tmp_path):
+    """M2 for the OCI client (pull, convert): a layer download cut off twice is started over and completes, the
+    progress callback counting each byte once; cut off every time, it is a one-line error and no file."""
+    from rafsfs.errors import RafsError
+    from rafsfs.oci.client import PULL_RETRIES, Descriptor, RegistryClient
+    from rafsfs.oci.reference import parse_reference
+
+    reg, digest, blob = registry
+    desc = Descriptor("application/octet-stream", f"sha256:{digest}", len(blob))
+    seen: list[int] = []
+    with reg.fault_proxy() as px, RegistryClient(parse_reference(f"{px.host}/{REPO}:x", plain_http=True)) as c:
+        px.set("truncate", after=3 * MiB, count=2)
+        c.download_blob(desc, str(tmp_path / "layer"), progress=seen.append)
+        assert (tmp_path / "layer").read_bytes() == blob
+        assert sum(seen) == len(blob)
+        px.set("truncate", after=MiB)
+        with pytest.raises(RafsError, match="cut short") as e:
+            c.download_blob(desc, str(tmp_path / "layer2"))
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "layer2").exists()
+        assert len(px.blob_gets(digest)) == 3 + PULL_RETRIES + 1
+
+
 # ---------------------------------------------------------------------------------------------- a FUSE mount
 def _vm_hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:

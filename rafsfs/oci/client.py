@@ -209,10 +209,13 @@ class RegistryClient:
                       progress: Callable[[int], None] | None = None) -> str:
         """Stream a blob into ``dest`` (written atomically, after its digest and size are checked)."""
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        reported = 0  # bytes given to ``progress`` so far: a retried attempt reports only what is new
+
         with replacing(dest) as f:
 
             def read(r: Any, deadline: float) -> tuple[int, str]:
                 """One attempt: the file starts over, so a body cut short and retried leaves nothing behind."""
+                nonlocal reported
                 f.seek(0)
                 f.truncate()
                 h = hashlib.sha256()
@@ -223,8 +226,9 @@ class RegistryClient:
                         raise OciError(f"blob {desc.digest} is longer than its {desc.size} bytes")
                     h.update(piece)
                     f.write(piece)
-                    if progress:
-                        progress(len(piece))
+                    if progress and n > reported:
+                        progress(n - reported)
+                        reported = n
                 return n, "sha256:" + h.hexdigest()
 
             n, got = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", read=read)
