@@ -429,8 +429,10 @@ class RegistryBackend(BlobBackend):
             body = r.json() if r.status_code == 200 else None
         except requests.exceptions.JSONDecodeError:
             raise BlobUnavailable(f"token server {realm} sent no token") from None
-        except _NET_ERRORS as e:
-            raise BlobUnavailable(f"token request to {realm} failed: {_why(e)}") from None
+        except _NET_ERRORS as e:  # the attempt is retried like any other
+            raise _Retry(f"token request to {realm} failed: {_why(e)}") from None
+        if r.status_code in _RETRY_STATUS:
+            raise _Retry(f"token request to {realm}: HTTP {r.status_code}", _retry_after(r))
         if r.status_code != 200:
             raise BlobUnavailable(f"token request to {realm}: HTTP {r.status_code}")
         try:
