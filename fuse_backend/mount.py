@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 INLINE_MAX = 128 << 10  # with local data, files up to this size are read on the event loop (no thread hop)
 READ_AHEAD_KB = 1024  # the kernel then sends up to 1 MiB reads (pyfuse3's max_read option is broken, issue #49)
 MAX_TASKS = 64
-PROBE_DEADLINE = 5.0  # seconds a mount's probe of one blob may take (nydusd's request timeout; a read has the full deadline)
+PROBE_DEADLINE = 5.0  # seconds a probe of one blob may take (nydusd's request timeout; a read gets more)
 
 
 class MountError(RafsError):
