@@ -17,8 +17,8 @@ client) is pointed at the proxy instead of the registry: as the origin (``"host"
 
 Faults (``px.set(name, **params)``; one at a time; applied to requests whose path contains ``path`` -- default
 ``/blobs/sha256:``, i.e. blob reads -- with HTTP method ``method`` if given, and only to the next ``count`` of them
-if ``count`` is given, after which the proxy is faithful again).  Every wait is bounded (``seconds``, default 30) and ends early on :meth:`clear` or when
-the proxy closes, so a test can never hang on its own proxy:
+if ``count`` is given, after which the proxy is faithful again).  Every wait is bounded (``seconds``, default 30)
+and ends early on :meth:`clear` or when the proxy closes, so a test can never hang on its own proxy:
 
 ==============  ==================================================================================================
 ``reset``       status and headers of the real answer, ``after`` body bytes (default: half), then a TCP reset.

@@ -5,6 +5,7 @@ concurrent readers per fault (right bytes or EIO within the deadline, the daemon
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import threading
@@ -292,9 +293,9 @@ def _sixteen_readers(path: Path, chunks: list[int], limit: float) -> list[tuple[
 @pytest.mark.allow_log("cannot read blob", "ignores Range", "failed")
 def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
     """One ``rafsfs mount --config`` whose registry is the fault proxy (deadline 5 s, 2 retries); each fault gets
-    four chunks nobody read before (nor fetched ahead) and 16 concurrent readers.  Every read returns the source's bytes or EIO
-    within 2 deadlines (+ slack), transient faults are invisible, the daemon lives on, and a registry ignoring
-    Range does not make the daemon's peak RSS grow by the blob's size."""
+    four chunks nobody read before (nor fetched ahead) and 16 concurrent readers.  Every read returns the source's
+    bytes or EIO within 2 deadlines (+ slack), transient faults are invisible, the daemon lives on, and a registry
+    ignoring Range does not make the daemon's peak RSS grow by the blob's size."""
     boot, _, big = image
     reg, digest, _ = registry
     deadline = 5.0
@@ -312,7 +313,7 @@ def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
     with reg.fault_proxy() as px:
         cfg = reg.nydusd_config(REPO, tmp_path / "cache", host=px.host, timeout=2, connect_timeout=1, retry_limit=2,
                                 deadline=deadline)
-        (tmp_path / "cfg.json").write_text(__import__("json").dumps(cfg))
+        (tmp_path / "cfg.json").write_text(json.dumps(cfg))
         m = FuseMount(boot, tmp_path / "mnt", "--config", tmp_path / "cfg.json")
         f = m.mnt / "big"
         try:
