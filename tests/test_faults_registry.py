@@ -304,11 +304,11 @@ def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
         ("truncate", {"after": 4096, "count": 4}, True),
         ("reset", {"after": 100_000, "count": 4}, True),
         ("status", {"code": 503, "count": 4, "retry_after": 1}, True),
-        ("ignore_range", {}, True),
         ("wrong_range", {}, False),
         ("status", {"code": 429, "retry_after": 1}, False),
         ("stall", {"seconds": 60}, False),
         ("trickle", {"interval": 0.5, "seconds": 60}, False),
+        ("ignore_range", {}, True),  # last: its chunks are the lowest, the least to skip on a loaded machine
     ]
     with reg.fault_proxy() as px:
         cfg = reg.nydusd_config(REPO, tmp_path / "cache", host=px.host, timeout=2, connect_timeout=1, retry_limit=2,
@@ -343,7 +343,8 @@ def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
                 assert m.proc.poll() is None, f"the daemon died under {fault}"
             # the registry is well again: every chunk a failed phase left behind is served right
             time.sleep(FAILURE_MEMORY)
-            for off, got, _ in _sixteen_readers(f, [8 - 7 + 9 * k for k in range(4)], limit):
+            stalled = [fault for fault, _, _ in phases].index("stall")
+            for off, got, _ in _sixteen_readers(f, [8 - stalled + 9 * k for k in range(4)], limit):
                 assert got == big[off:off + (64 << 10)]
         finally:
             px.clear()
