@@ -26,6 +26,8 @@ and ends early on :meth:`clear` or when the proxy closes, so a test can never ha
 ``stall``       read the request, send nothing for ``seconds``, then close.
 ``trickle``     the real status and headers, then one body byte every ``interval`` s (default 1) for at most
                 ``seconds``, then close.
+``slow_headers``  the real answer, its status line and headers sent one byte every ``interval`` s (default 1),
+                for at most ``seconds``, then close.
 ``status``      answer ``code`` (500, 503, 429, ...) with ``Retry-After: retry_after`` if given; no upstream request.
 ``ignore_range``  forward without ``Range`` and answer ``200`` with the whole blob (streamed, as a static file
                 server or a careless cache would).
@@ -50,7 +52,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("reset", "truncate", "stall", "trickle", "status", "ignore_range", "wrong_range", "challenge")
+FAULTS = ("reset", "truncate", "stall", "trickle", "slow_headers", "status", "ignore_range", "wrong_range",
+          "challenge")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "content-length"}  # Host is kept: upload Locations name the proxy
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
@@ -201,6 +204,22 @@ def _handler(px: FaultProxy):
                 self.send_header("Content-Length", length)
             else:
                 self.close_connection = True  # no length: the end of the body is the end of the connection
+            if name == "slow_headers":
+                head = b"".join(self._headers_buffer) + b"\r\n"
+                self._headers_buffer = []
+                interval = float(fault.get("interval", 1.0))
+                end = time.monotonic() + wait
+                try:
+                    for i in range(len(head)):  # bounded by the header size and ``seconds``
+                        if time.monotonic() >= end or changed.is_set():
+                            break
+                        self.wfile.write(head[i:i + 1])
+                        self.wfile.flush()
+                        changed.wait(interval)
+                except OSError:
+                    pass
+                self.close_connection = True
+                return
             self.end_headers()
             if self.command == "HEAD":
                 return

@@ -153,13 +153,14 @@ def test_ignored_range_is_streamed_not_buffered(registry):
 
 
 def test_trickling_and_stalled_servers_cannot_hold_a_read_past_its_deadline(registry):
-    """M4: one byte every 0.3 s (each socket read returns in time) or nothing at all: the read fails within its
-    3 s deadline plus one socket timeout, instead of after ~1 MiB x 0.3 s."""
+    """M4: one byte every 0.3 s, of the body or of the headers (each socket read returns in time), or nothing at
+    all: the read fails within its 3 s deadline plus one socket timeout, instead of after ~1 MiB x 0.3 s."""
     reg, digest, _ = registry
     with reg.fault_proxy() as px:
         be = _backend(px.host, timeout=2.0, retry_limit=3, deadline=3.0)
         try:
-            for fault, params in (("trickle", {"interval": 0.3}), ("stall", {})):
+            for fault, params in (("trickle", {"interval": 0.3}), ("slow_headers", {"interval": 0.3}),
+                                  ("stall", {})):
                 px.set(fault, **params)
                 err, took = _timed(lambda: be.read(BlobRef(digest, 0), 2 * MiB, MiB), limit=20)
                 assert isinstance(err, BlobUnavailable), err

@@ -11,7 +11,8 @@ retried with exponential backoff up to ``retry_limit`` times; everything happens
 reader), never as a ``requests``/``urllib3``/socket exception.
 
 Bodies are read in small pieces straight from the socket, with the socket's timeout set to the time left before
-each piece, so a server that trickles one byte at a time cannot hold a read past its deadline.  A ``206`` must
+each piece, and a watchdog shuts the socket down if the status line and headers are not in by the deadline, so a
+server that trickles one byte at a time cannot hold a read past its deadline.  A ``206`` must
 carry the ``Content-Range`` that was asked for (else the endpoint fails: never wrong bytes).  A server that
 ignores ``Range`` (``200``, the whole blob) is remembered for :data:`NO_RANGE_MEMORY` seconds and asked last; the
 read goes to the next endpoint, and if there is none the body is streamed -- the bytes before the offset skipped,
@@ -28,6 +29,7 @@ a failed verification is not retried.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import http.client
 import logging
@@ -80,6 +82,65 @@ class _Reauth(Exception):
         self.response = response
 
 
+_answer_by = threading.local()  # .deadline: when the request this thread is sending must have its headers
+
+
+@contextlib.contextmanager
+def _headers_by(deadline: float) -> Iterator[None]:
+    _answer_by.deadline = deadline
+    try:
+        yield
+    finally:
+        _answer_by.deadline = None
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # the thread blocked in recv() gets EOF: the attempt fails
+    except OSError:
+        pass
+
+
+class _WatchedResponse:
+    """Mixed into urllib3's connections: a server that trickles its status line and headers (each recv() in time,
+    the whole never) has its socket shut down at the deadline of the request (see :func:`_headers_by`)."""
+
+    def getresponse(self):  # type: ignore[no-untyped-def]
+        deadline = getattr(_answer_by, "deadline", None)
+        sock = getattr(self, "sock", None)
+        if deadline is None or sock is None:
+            return super().getresponse()
+        timer = threading.Timer(max(deadline - time.monotonic(), 0.0), _shutdown, (sock,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return super().getresponse()
+        finally:
+            timer.cancel()
+
+
+class _HTTPConnection(_WatchedResponse, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_WatchedResponse, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class _Token:
     def __init__(self, value: str, expires_at: float):
         self.value = value
@@ -124,7 +185,7 @@ class RegistryBackend(BlobBackend):
         self.cfg = cfg
         self.session = requests.Session()
         self.session.trust_env = False  # proxies and CAs come from our config only (REQUESTS_CA_BUNDLE would win)
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)  # one per concurrent fetch
+        adapter = _Adapter(pool_connections=4, pool_maxsize=64)  # one per concurrent fetch
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if cfg.skip_verify:
@@ -256,8 +317,9 @@ class RegistryBackend(BlobBackend):
         try:
             with self._lock:
                 self.requests_sent += 1
-            r = self.session.request(method, url, headers=h, data=data, allow_redirects=True, stream=stream,
-                                     timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
+            with _headers_by(deadline):
+                r = self.session.request(method, url, headers=h, data=data, allow_redirects=True, stream=stream,
+                                         timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
         except requests.exceptions.SSLError as e:
             m = _SSL_REASON.search(str(e))
             raise BlobUnavailable(f"TLS with {ep.base_url} failed ({m.group(1).strip() if m else 'handshake'}):"
@@ -424,9 +486,10 @@ class RegistryBackend(BlobBackend):
             q["service"] = ch["service"]
         left = max(deadline - time.monotonic(), 0.001)
         try:
-            r = self.session.get(realm, params=q, auth=creds,
-                                 timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
-            body = r.json() if r.status_code == 200 else None
+            with _headers_by(deadline):
+                r = self.session.get(realm, params=q, auth=creds,
+                                     timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
+                body = r.json() if r.status_code == 200 else None
         except requests.exceptions.JSONDecodeError:
             raise BlobUnavailable(f"token server {realm} sent no token") from None
         except _NET_ERRORS as e:  # the attempt is retried like any other
