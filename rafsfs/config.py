@@ -20,6 +20,8 @@ from .errors import RafsError
 log = logging.getLogger(__name__)
 
 DEFAULT_WORK_DIR = "/var/lib/rafsfs/cache"
+MAX_AMPLIFY_IO = 16 << 20  # one merged backend request is held in memory whole: bounded (nydusd's default is 1 MiB)
+MAX_PREFETCH_THREADS = 1024  # nydusd's bound; the prefetcher itself uses at most a few (and says so)
 
 
 class ConfigError(RafsError):
@@ -113,7 +115,7 @@ class RafsConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     digest_validate: bool = True
     amplify_io: int = 1 << 20
-    enable_xattr: bool = True
+    enable_xattr: bool = True  # False: the mount shows no xattrs (getxattr/listxattr fail with ENOTSUP)
 
 
 # ---------------------------------------------------------------------------------------------- typed access
@@ -151,6 +153,17 @@ def _positive(v: int | float, where: str) -> Any:
     if v <= 0:
         raise ConfigError(f"{where}: must be positive")
     return v
+
+
+def _in_range(v: int, low: int, high: int, where: str) -> int:
+    if not low <= v <= high:
+        raise ConfigError(f"{where}: {v} is out of range ({low} to {high})")
+    return v
+
+
+def _amplify_io(v: int, where: str) -> int:
+    """A positive request size of at most :data:`MAX_AMPLIFY_IO` bytes."""
+    return _in_range(_positive(v, where), 1, MAX_AMPLIFY_IO, where)
 
 
 def _backend(btype: str, s: _Section) -> BackendConfig:
@@ -239,6 +252,8 @@ def _cache(ctype: str, s: _Section) -> CacheConfig:
     elif ctype not in ("blobcache", "fscache"):
         raise ConfigError(f"{s.where}: unsupported cache type {ctype!r} (blobcache, fscache or none)")
     work_dir = s.get("work_dir", str, DEFAULT_WORK_DIR)
+    if not work_dir:
+        raise ConfigError(f"{s.where}.work_dir: must not be empty")
     max_size = s.get("max_size", int, 0)
     if max_size < 0:
         raise ConfigError(f"{s.where}.max_size must not be negative")
@@ -247,8 +262,13 @@ def _cache(ctype: str, s: _Section) -> CacheConfig:
 
 
 def _prefetch(s: _Section) -> PrefetchConfig:
+    threads = PrefetchConfig.threads
+    for key in ("threads", "threads_count"):  # nydusd's name wins when both are given
+        v = s.get(key, int)
+        if v is not None:
+            threads = _in_range(v, 1, MAX_PREFETCH_THREADS, f"{s.where}.{key}")
     p = PrefetchConfig(enable=s.get("enable", bool, False), prefetch_all=s.get("prefetch_all", bool, False),
-                       threads=s.get("threads_count", int, 0) or s.get("threads", int, 4))
+                       threads=threads)
     s.warn_unknown(("merging_size", "bandwidth_rate", "bandwidth_limit", "batch_size"))
     return p
 
@@ -268,7 +288,7 @@ def from_dict(obj: Any) -> RafsConfig:
     dev.warn_unknown()
     cfg.digest_validate = top.get("digest_validate", bool, True)
     cfg.enable_xattr = top.get("enable_xattr", bool, True)
-    cfg.amplify_io = _positive(top.get("amplify_io", int, 1 << 20), "config.amplify_io")
+    cfg.amplify_io = _amplify_io(top.get("amplify_io", int, 1 << 20), "config.amplify_io")
     cfg.prefetch = _prefetch(top.sub("fs_prefetch"))
     top.warn_unknown(("mode", "iostats_files", "access_pattern", "latest_read_files", "enable_xattr", "id",
                       "version"))
@@ -285,7 +305,8 @@ def _from_seed(top: _Section) -> RafsConfig:
     cfg.backend = _backend(c.get("backend_type", str, "localfs"), c.sub("backend_config"))
     cfg.cache = _cache(c.get("cache_type", str, "fscache"), c.sub("cache_config"))
     cfg.digest_validate = c.get("digest_validate", bool, True)
-    cfg.amplify_io = _positive(c.get("amplify_io", int, 1 << 20), f"{c.where}.amplify_io")
+    cfg.enable_xattr = c.get("enable_xattr", bool, True)
+    cfg.amplify_io = _amplify_io(c.get("amplify_io", int, 1 << 20), f"{c.where}.amplify_io")
     if c.obj.get("prefetch_config") is not None:
         cfg.prefetch = _prefetch(c.sub("prefetch_config"))
     c.warn_unknown(("metadata_path", "blob_info"))

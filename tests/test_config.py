@@ -151,3 +151,34 @@ def test_config_imports_no_storage():
     code = "import sys, rafsfs.config; print(sorted(m for m in sys.modules if m.startswith('rafsfs.storage')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+LOCAL = {"backend": {"type": "localfs", "config": {"dir": "/b"}}}
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"device": LOCAL, "amplify_io": 1 << 30}, "config.amplify_io"),  # one request would hold 1 GiB
+    ({"device": LOCAL, "amplify_io": 0}, "config.amplify_io"),
+    ({"device": LOCAL, "fs_prefetch": {"enable": True, "threads_count": 0}}, "config.fs_prefetch.threads_count"),
+    ({"device": LOCAL, "fs_prefetch": {"enable": True, "threads_count": -2}}, "config.fs_prefetch.threads_count"),
+    ({"device": LOCAL, "fs_prefetch": {"threads_count": 100000}}, "config.fs_prefetch.threads_count"),
+    ({"device": LOCAL, "fs_prefetch": {"threads": 0}}, "config.fs_prefetch.threads"),
+    ({"device": {**LOCAL, "cache": {"type": "blobcache", "config": {"work_dir": ""}}}},
+     "config.device.cache.config.work_dir"),
+    ({"type": "bootstrap", "config": {"backend_type": "localfs", "backend_config": {"dir": "/b"},
+                                      "amplify_io": 1 << 40}}, "config.config.amplify_io"),
+])
+def test_non_registry_values_are_bounded_and_named(bad, key):
+    """L8: out-of-range values are one error naming the key (amplify_io had no upper bound; prefetch threads were
+    clamped silently; an empty work_dir was taken)."""
+    with pytest.raises(ConfigError) as e:
+        from_dict(bad)
+    assert str(e.value).startswith(key + ":") and "\n" not in str(e.value)
+
+
+def test_enable_xattr_is_read_from_both_shapes():
+    assert from_dict({"device": LOCAL, "enable_xattr": False}).enable_xattr is False
+    seed = {"type": "bootstrap", "config": {"backend_type": "localfs", "backend_config": {"dir": "/b"},
+                                            "enable_xattr": False}}
+    assert from_dict(seed).enable_xattr is False
+    assert from_dict({"device": LOCAL}).enable_xattr is True
