@@ -179,10 +179,9 @@ def _backend(btype: str, s: _Section) -> BackendConfig:
     raise ConfigError(f"{s.where}: unsupported backend type {btype!r} (localfs or registry)")
 
 
-def _bounded(v: int | float, lo: float, hi: float, where: str, *, low_open: bool = False) -> Any:
-    if not lo <= v <= hi or (low_open and v == lo):  # also refuses NaN (JSON allows it)
-        raise ConfigError(f"{where}: must be {'>' if low_open else '>='} {lo:g} and <= {hi:g}, got {v:g}")
-    return v
+def _seconds(v: float, high: float, where: str) -> float:
+    """A positive number of seconds, at most ``high`` (NaN and infinity refused: JSON parsers accept them)."""
+    return _in_range(_positive(v, where), 0, high, where)
 
 
 def _auth(s: _Section) -> tuple[str | None, str | None]:
@@ -218,11 +217,11 @@ def _registry(s: _Section) -> RegistryConfig:
     d = RegistryConfig(host="", repo="")
     rc = RegistryConfig(
         host=host, repo=repo, scheme=scheme, skip_verify=s.get("skip_verify", bool, False),
-        timeout=_bounded(s.get("timeout", float, d.timeout), 0, MAX_TIMEOUT, f"{s.where}.timeout", low_open=True),
-        connect_timeout=_bounded(s.get("connect_timeout", float, d.connect_timeout), 0, MAX_TIMEOUT,
-                                 f"{s.where}.connect_timeout", low_open=True),
-        retry_limit=_bounded(s.get("retry_limit", int, d.retry_limit), 0, MAX_RETRY_LIMIT, f"{s.where}.retry_limit"),
-        deadline=_bounded(s.get("deadline", float, d.deadline), 0, MAX_DEADLINE, f"{s.where}.deadline"),
+        timeout=_seconds(s.get("timeout", float, d.timeout), MAX_TIMEOUT, f"{s.where}.timeout"),
+        connect_timeout=_seconds(s.get("connect_timeout", float, d.connect_timeout), MAX_TIMEOUT,
+                                 f"{s.where}.connect_timeout"),
+        retry_limit=_in_range(s.get("retry_limit", int, d.retry_limit), 0, MAX_RETRY_LIMIT, f"{s.where}.retry_limit"),
+        deadline=_in_range(s.get("deadline", float, d.deadline), 0, MAX_DEADLINE, f"{s.where}.deadline"),
         registry_token=s.get("registry_token", str), ca_file=s.get("ca_file", str))
     rc.username, rc.password = _auth(s)
     for i, m in enumerate(s.get("mirrors", list, [])):
