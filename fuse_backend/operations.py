@@ -63,7 +63,9 @@ class RafsOperations(pyfuse3.Operations):
                  inline_max: int = 0, uid: int | None = None, gid: int | None = None, enable_xattr: bool = True):
         super().__init__()
         self.image = image
-        self.enable_xattr = enable_xattr  # the config's enable_xattr: False hides every xattr (ENOTSUP)
+        # the config's enable_xattr: False hides every xattr.  ENOSYS, as nydusd answers: the kernel then stops asking
+        # and tells readers EOPNOTSUPP itself
+        self.enable_xattr = enable_xattr
         self.source = source
         self.limiter = trio.CapacityLimiter(read_threads)
         self.inline_max = inline_max  # files up to this size are read on the event loop (0: never)
@@ -148,13 +150,13 @@ class RafsOperations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
         if not self.enable_xattr:
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _fuse_errors("getxattr"):
             return self.image.getxattr(self.image.inode(self._nid(inode)), name)
 
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
         if not self.enable_xattr:
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _fuse_errors("listxattr"):
             return self.image.listxattr(self.image.inode(self._nid(inode)))
 

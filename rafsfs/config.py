@@ -115,7 +115,7 @@ class RafsConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     digest_validate: bool = True
     amplify_io: int = 1 << 20
-    enable_xattr: bool = True  # False: the mount shows no xattrs (getxattr/listxattr fail with ENOTSUP)
+    enable_xattr: bool = True  # False: the mount shows no xattrs (readers get EOPNOTSUPP)
 
 
 # ---------------------------------------------------------------------------------------------- typed access

@@ -246,7 +246,16 @@ def _mount_fscache(args: argparse.Namespace, mountpoint: str) -> int:
 
     from ..daemonize import default_log_file, start_daemon, write_pid_file
 
-    req = service.mount_request(args.source, mountpoint, args.blob_dir, args.device, args.config)
+    from ..daemon import parse_prefetch_list
+
+    # the options only a service that declares them in MOUNT_OPTIONS gets (select_mode refused them otherwise):
+    # prefetch_files as parsed image paths, apisock as an absolute path
+    options: dict = {}
+    if args.prefetch_files:
+        options["prefetch_files"] = parse_prefetch_list(args.prefetch_files)
+    if args.apisock:
+        options["apisock"] = os.path.abspath(args.apisock)
+    req = service.mount_request(args.source, mountpoint, args.blob_dir, args.device, args.config, **options)
 
     def write_pid(pid: int) -> None:
         write_pid_file(args.pid_file, pid)
@@ -263,7 +272,9 @@ def _mount_fscache(args: argparse.Namespace, mountpoint: str) -> int:
     argv = [sys.executable, "-m", "rafsfs.cli", "mount", os.path.abspath(args.source), mountpoint, "--foreground",
             "--mode", "fscache", *(["--config", req["config"]] if args.config else []),
             *(["--blob-dir", req["blob_dir"]] if args.blob_dir else []),
-            *[x for d in req["devices"] for x in ("--device", d)]]
+            *[x for d in req["devices"] for x in ("--device", d)],
+            *(["--prefetch-files", ",".join(options["prefetch_files"])] if options.get("prefetch_files") else []),
+            *(["--apisock", options["apisock"]] if "apisock" in options else [])]
     start_daemon(argv, mountpoint, log_file)
     pid = service.daemon_pids()[0]
     write_pid(pid)
