@@ -30,7 +30,7 @@ import trio
 
 from rafsfs.atomic import write_text
 from rafsfs.errors import BadImage, RafsError
-from rafsfs.image import BlobInfo, ChunkRef
+from rafsfs.blob import BlobInfo, ChunkRef
 from rafsfs.storage.cache.metrics import CacheMetrics
 
 from . import protocol

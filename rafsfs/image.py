@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Protocol
 
-from .errors import BadImage, IsADirectory, NotADirectory, NotFound, NoXattr
+from .blob import BOOTSTRAP, HOLE, BlobInfo, ChunkRef, ChunkSlice, check_blob_id
+from .errors import BadImage, BlobUnavailable, IsADirectory, NotADirectory, NotFound, NoXattr
 from .format import blob_meta as bm
 from .format import blob_table as bt
 from .format import superblock as sbf
@@ -41,64 +42,8 @@ from .format.inode import (
 from .format.record import round_up
 from .format.toc import TOC_ENTRY_SIZE, TocEntry
 from .format.xattr import LONG_PREFIX_FLAG, PREFIXES, XattrEntry, XattrIbodyHeader
-from .storage.backend.base import BlobRef
 
-BOOTSTRAP = -1  # blob index of data that lives in the bootstrap / primary device itself
-HOLE = -2  # blob index of a hole (reads as zeros)
 _MAX_DIR_ENTRIES = 1 << 24
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    """One data blob (Nydus blob table entry + device slot) or one plain EROFS extra device."""
-
-    index: int
-    blob_id: str  # hex id, "" for an EROFS device slot without one
-    chunk_size: int
-    chunk_count: int
-    compressor: int
-    digester: int
-    features: int
-    compressed_size: int
-    uncompressed_size: int
-    ci_compressor: int = 0
-    ci_offset: int = 0
-    ci_compressed_size: int = 0
-    ci_uncompressed_size: int = 0
-    toc_size: int = 0
-    toc_digest: bytes = b""
-    device_blocks: int = 0
-    mapped_blkaddr: int = 0
-    nydus: bool = True  # False: a plain EROFS device, uncompressed, chunk at blkaddr*blk
-
-    @property
-    def ref(self) -> BlobRef:
-        return BlobRef(self.blob_id, self.index)
-
-    @property
-    def ci_v2(self) -> bool:
-        return bool(self.features & bt.FEAT_CHUNK_INFO_V2)
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """A chunk: where its bytes live.  ``blob_index`` is BOOTSTRAP for data in the image file, HOLE for zeros."""
-
-    blob_index: int
-    ci_index: int
-    info: bm.ChunkInfo
-    digest: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ChunkSlice:
-    """Part of a file range served by one chunk: ``length`` bytes at ``offset`` inside the chunk's uncompressed data,
-    which land at ``file_offset`` in the file."""
-
-    file_offset: int
-    chunk: ChunkRef
-    offset: int
-    length: int
 
 
 @dataclass
@@ -309,8 +254,10 @@ class RafsImage:
                 blob_id = e.blob_id.decode("ascii")
             except UnicodeDecodeError:
                 raise BadImage(f"blob {i}: id is not ASCII") from None
-            if len(blob_id.strip("0123456789abcdef")) or len(blob_id) != 64:
-                raise BadImage(f"blob {i}: invalid id {blob_id!r}")
+            try:
+                check_blob_id(blob_id)
+            except BlobUnavailable:
+                raise BadImage(f"blob {i}: invalid id {blob_id!r}") from None
             if blob_id in seen:
                 raise BadImage(f"blob {blob_id} listed twice")
             seen.add(blob_id)
@@ -331,7 +278,8 @@ class RafsImage:
                 compressed_size=e.compressed_size, uncompressed_size=e.uncompressed_size,
                 ci_compressor=e.ci_compressor, ci_offset=e.ci_offset, ci_compressed_size=e.ci_compressed_size,
                 ci_uncompressed_size=e.ci_uncompressed_size, toc_size=e.blob_toc_size,
-                toc_digest=e.blob_toc_digest, device_blocks=dev.blocks, mapped_blkaddr=dev.mapped_blkaddr))
+                toc_digest=e.blob_toc_digest, device_blocks=dev.blocks, mapped_blkaddr=dev.mapped_blkaddr,
+                ci_v2=bool(e.features & bt.FEAT_CHUNK_INFO_V2)))
         return blobs
 
     def _parse_long_prefixes(self) -> list[tuple[int, bytes]]:

@@ -228,7 +228,7 @@ def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
     from fscache_backend.daemon import _runs
 
     from rafsfs.format.blob_meta import ChunkInfo
-    from rafsfs.image import ChunkRef
+    from rafsfs.blob import ChunkRef
 
     def chunk(ci, off, size):
         return ChunkRef(0, ci, ChunkInfo(off, size, off, size, False)), bytes([ci + 1]) * size

@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable
 
 from ..errors import BlobUnavailable, RafsError
-from ..image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
+from ..blob import BlobInfo, ChunkRef, ChunkSlice
+from ..image import RafsImage
 from .cache.chunk_cache import ChunkCache
 from .cache.metrics import CacheMetrics
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..errors import RafsError
-from ..image import BlobInfo, ChunkRef, RafsImage
+from ..blob import BlobInfo, ChunkRef
+from ..image import RafsImage
 from .backend.base import BlobBackend
 from .cache.metrics import CacheMetrics
 from .fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..compression import decompress, digest
 from ..errors import BlobUnavailable, CorruptChunk, RafsError
-from ..image import BlobInfo, ChunkRef
+from ..blob import BlobInfo, ChunkRef
 from .backend.base import BlobBackend
 from .cache.metrics import CacheMetrics
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from ..image import BlobInfo, ChunkRef, ChunkSource, RafsImage
+from ..blob import BlobInfo, ChunkRef
+from ..image import ChunkSource, RafsImage
 
 DEFAULT_MAX_BYTES = 16 << 20
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from ..errors import BadImage, RafsError
 from ..format.inode import LAYOUT_CHUNK_BASED
-from ..image import HOLE, BlobInfo, ChunkRef, ChunkSource, Inode, RafsImage
+from ..blob import HOLE, BlobInfo, ChunkRef
+from ..image import ChunkSource, Inode, RafsImage
 from . import Progress, check_name, file_pieces
 
 BATCH_BYTES = 64 << 20  # uncompressed bytes per read_chunks call (bounds memory; adjacent chunks still merge)

@@ -5,7 +5,8 @@ import os
 import threading
 
 from ...errors import BlobUnavailable
-from .base import BlobBackend, BlobRef, check_blob_id
+from ...blob import BlobRef, check_blob_id
+from .base import BlobBackend
 
 
 class LocalFsBackend(BlobBackend):

@@ -23,7 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
-from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
+from ...blob import BlobInfo, ChunkRef, ChunkSlice
+from ...image import RafsImage
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
 from . import store

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...errors import RafsError
-from ...image import ChunkRef, RafsImage
+from ...blob import ChunkRef
+from ...image import RafsImage
 from ...format.inode import LAYOUT_CHUNK_BASED
 from .chunk_cache import ChunkCache
 
