@@ -9,9 +9,8 @@ import pyfuse3
 import trio
 
 from rafsfs.errors import RafsError
-from rafsfs.image import ChunkSource, RafsImage
-from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.recent import RecentChunks
+from rafsfs.image import RafsImage
+from rafsfs.storage.source import ChunkSource
 
 from .operations import RafsOperations
 
@@ -46,8 +45,7 @@ def probe_blobs(image: RafsImage, source: ChunkSource | None) -> None:
     for blob in image.blobs:
         if not (blob.compressed_size or blob.uncompressed_size):
             continue  # an empty blob: nothing to read
-        fully_cached = getattr(source, "fully_cached", None)
-        if fully_cached is not None and fully_cached(blob):
+        if source.fully_cached(blob):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
             source.read_raw(blob, 0, 1)
@@ -65,7 +63,7 @@ def prepare_reads(image: RafsImage, source: ChunkSource | None) -> None:
 def data_is_local(source: ChunkSource | None) -> bool:
     """True when every read is served from local files (a blob directory, with or without the chunk cache), so
     that a small read never waits on the network."""
-    return source is None or isinstance(getattr(source, "backend", None), LocalFsBackend)
+    return source is None or source.is_local
 
 
 def _mount_dev(mountpoint: str) -> str | None:
@@ -129,7 +127,7 @@ def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, f
     if eager:
         prepare_reads(image, source)
     inline_max = INLINE_MAX if data_is_local(source) else 0
-    ops = RafsOperations(image, RecentChunks(source) if source is not None else None, inline_max=inline_max)
+    ops = RafsOperations(image, source, inline_max=inline_max)
     options = set(pyfuse3.default_options)
     options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}
     if debug:

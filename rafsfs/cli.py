@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import RafsError
-from .image import ChunkSource, RafsImage
+from .image import RafsImage
+from .storage.source import ChunkSource
 from .tools import Progress, cat, clear_progress, format_bytes, require_source
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def _println(text: str = "") -> None:
 def _open_source(args: argparse.Namespace, image: RafsImage,
                  cfg: "RafsConfig | None" = None) -> Iterator[ChunkSource | None]:
     """The chunk source named by --blob-dir / --device / --config (or by ``cfg``), checked against the image."""
-    from .storage.open import config_from_args, source_from_config
+    from .storage.factory import config_from_args, source_from_config
 
     if cfg is None:
         cfg = config_from_args(args.blob_dir, args.device, args.config)
@@ -323,7 +324,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 f.write(f"{child.pid}\n")
         _println(f"mounted {args.source} on {mountpoint} (fuse, pid {child.pid}, log {log_file})")
         return 0
-    from .storage.open import config_from_args
+    from .storage.factory import config_from_args
 
     cfg = config_from_args(args.blob_dir, args.device, args.config)
     with _open_source(args, image, cfg) as source, _serve_api(args, mountpoint, source) as api:
@@ -351,7 +352,7 @@ def _serve_api(args: argparse.Namespace, mountpoint: str, source: ChunkSource | 
 
     from .api.server import DaemonHooks, MountEntry, serve_api
 
-    metrics = getattr(source, "metrics", None)
+    metrics = source.metrics if source is not None else None
     hooks = DaemonHooks(metrics=metrics.snapshot if metrics is not None else None,
                         on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
                         mounts=[MountEntry(mountpoint=mountpoint, bootstrap=os.path.abspath(args.source))])

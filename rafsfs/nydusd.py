@@ -120,7 +120,7 @@ def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, r
 
     from .config import load_config
     from .image import RafsImage
-    from .storage.open import source_from_config
+    from .storage.factory import source_from_config
     from .tools import require_source
 
     preflight(mountpoint)

@@ -17,7 +17,7 @@ from ..compression import decompress, digest
 from ..errors import BlobUnavailable, CorruptChunk, RafsError
 from ..blob import BlobInfo, ChunkRef
 from .backend.base import BlobBackend
-from .cache.metrics import CacheMetrics
+from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 

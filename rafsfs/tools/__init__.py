@@ -11,7 +11,8 @@ from typing import BinaryIO, TextIO
 from ..errors import BadImage, IsADirectory, RafsError
 from ..format.inode import LAYOUT_CHUNK_BASED
 from ..blob import HOLE
-from ..image import ChunkSource, Inode, RafsImage
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 

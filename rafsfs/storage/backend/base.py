@@ -9,6 +9,8 @@ from ...blob import BlobRef, check_blob_id  # noqa: F401  (backends import them 
 class BlobBackend(ABC):
     """Reads byte ranges of blobs.  Implementations raise :class:`BlobUnavailable` on any failure."""
 
+    is_local = False  # True: blobs are local files (a read never waits on the network)
+
     @abstractmethod
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
         """Exactly ``size`` bytes at ``offset`` (fewer only if the blob ends first)."""

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
 from ...blob import BlobInfo, ChunkRef, ChunkSlice
-from ...image import RafsImage
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
+from ..meta import BlobMeta, MetaCache
 from . import store
 from .blob_file import BlobCacheFile, entry_name
-from .metrics import CacheMetrics
+from ..metrics import CacheMetrics
+from ..source import ChunkSource
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class _Sequence:
 STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
-class ChunkCache:
-    """A :class:`rafsfs.image.ChunkSource` backed by a persistent on-disk cache."""
+class ChunkCache(ChunkSource):
+    """A chunk source backed by a persistent on-disk cache; blob metadata is kept beside the entries."""
 
     def __init__(self, backend: BlobBackend, options: CacheOptions, metrics: CacheMetrics | None = None):
         self.backend = backend
@@ -88,12 +89,24 @@ class ChunkCache:
         self._riders: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
         self._rider_bytes = 0
         self._closed = False
+        self._metas = MetaCache(self.read_raw, options.work_dir)
 
     # ------------------------------------------------------------------ ChunkSource
+    @property
+    def is_local(self) -> bool:
+        return self.backend.is_local
+
+    def meta(self, blob: BlobInfo) -> BlobMeta:
+        return self._metas.get(blob)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        return True
+
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self.fetcher.read_range(blob, offset, size)
 
-    def read_chunks(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
+    def read_chunks(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         if not blob.nydus:
             # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
             out: dict[int, bytes] = {}
@@ -103,8 +116,8 @@ class ChunkCache:
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+            self._read_ahead(blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
+        self.ensure(blob, chunks, along=self._neighbours(blob, bc, chunks))
         out_list = []
         for c in chunks:
             data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
@@ -114,18 +127,18 @@ class ChunkCache:
             out_list.append(data)
         return out_list
 
-    def read_slices(self, image: RafsImage, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
+    def read_slices(self, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
         """Only the bytes each slice asks for (a 4 KiB read copies 4 KiB out of the cache file, not its chunk)."""
         chunks = list({(s.chunk.ci_index, s.chunk.info.uncompressed_offset): s.chunk for s in slices}.values())
         if not blob.nydus:
-            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(image, blob, chunks))}
+            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(blob, chunks))}
             by_key = {(c.ci_index, c.info.uncompressed_offset): whole[id(c)] for c in chunks}
             return [by_key[(s.chunk.ci_index, s.chunk.info.uncompressed_offset)][s.offset:s.offset + s.length]
                     for s in slices]
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+            self._read_ahead(blob, bc, chunks)
+        self.ensure(blob, chunks, along=self._neighbours(blob, bc, chunks))
         out = []
         for s in slices:
             data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
@@ -293,8 +306,7 @@ class ChunkCache:
                 self._evict()
         return error or (failed[0] if failed else None)
 
-    def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
-                    chunks: list[ChunkRef]) -> list[ChunkRef]:
+    def _neighbours(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> list[ChunkRef]:
         """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
         while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the
         same time, and files read together (a program's libraries and modules, one directory's files) are stored
@@ -308,12 +320,13 @@ class ChunkCache:
         last = max(missing, key=lambda c: c.info.compressed_offset)
         end = last.info.compressed_offset + last.info.compressed_size
         out: list[ChunkRef] = []
+        meta = self.meta(blob)
         ci = last.ci_index + 1
         while ci < blob.chunk_count and end < start + limit and not bc.is_ready(ci):
             if (bc.name, ci) in self._riders:
                 break  # came along with an earlier request: what follows did too
             try:
-                ref = image.chunk_ref(blob.index, ci, self)
+                ref = meta.chunk_ref(ci)
             except RafsError:  # a neighbour is only a bonus: its trouble is for its own reader to meet
                 break
             info = ref.info
@@ -343,7 +356,7 @@ class ChunkCache:
             self._rider_bytes -= len(raw)
         return raw
 
-    def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
+    def _read_ahead(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
         """While a blob is read in order, keep a window of the following chunks being fetched in the background,
         in large merged requests fetched in parallel, so delivery never waits for one request at a time.  The
         window starts at ``readahead`` bytes and doubles while the reads stay in order (like the kernel's own
@@ -385,7 +398,8 @@ class ChunkCache:
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
-        refs = [image.chunk_ref(blob.index, ci, self) for ci in range(start, end) if not bc.is_ready(ci)]
+        meta = self.meta(blob)
+        refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
             pool.submit(self._background_ensure, blob, refs)
 
