@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 _MAX_DIR_ENTRIES = 1 << 24
 MAX_IMAGE_CHUNKS = 1 << 24  # chunks in all blobs of one image: bounds the memory of their metadata
+MAX_BLOB_SIZE = 1 << 44  # uncompressed offsets in chunk-info arrays have 44 bits
 
 
 @dataclass
@@ -255,6 +256,8 @@ class RafsImage:
                 raise BadImage(f"blob {blob_id}: unknown compressor {e.compression_algo} or digest {e.digest_algo}")
             if e.features & bt.FEAT_UNKNOWN_INCOMPAT:
                 raise BadImage(f"blob {blob_id}: unknown features 0x{e.features:x}")
+            if e.uncompressed_size >= MAX_BLOB_SIZE or e.compressed_size >= MAX_BLOB_SIZE:
+                raise BadImage(f"blob {blob_id}: size beyond 2^44 bytes (the chunk-info format's limit)")
             kws.append(dict(
                 index=i, blob_id=blob_id, chunk_size=e.chunk_size, chunk_count=e.chunk_count,
                 compressor=e.compression_algo, digester=e.digest_algo, features=e.features,

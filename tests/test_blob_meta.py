@@ -192,8 +192,11 @@ def test_metadata_of_a_million_chunks_stays_packed(tmp_path):
     assert peak < 2 * packed + (4 << 20), f"peak {peak >> 20} MiB for {packed >> 20} MiB of chunk infos"
 
 
-def test_chunks_per_image_are_capped(tmp_path):
+@pytest.mark.parametrize("entry, error", [({"chunk_count": MAX_IMAGE_CHUNKS + 1}, "MAX_IMAGE_CHUNKS"),
+                                          ({"uncompressed_size": 1 << 62}, "beyond 2.44 bytes")])
+def test_blob_table_claims_are_capped(tmp_path, entry, error):
+    """Counts and sizes that metadata and cache files are sized by are refused when the image is opened."""
     boot, _blobs = _crafted(tmp_path, 1)
-    _patch_blob_entry(boot, chunk_count=MAX_IMAGE_CHUNKS + 1)
-    with pytest.raises(BadImage, match="MAX_IMAGE_CHUNKS"):
+    _patch_blob_entry(boot, **entry)
+    with pytest.raises(BadImage, match=error):
         RafsImage.open(str(boot))
