@@ -61,10 +61,11 @@ class DeferredCache(ChunkSource):
             self._error = BlobUnavailable(f"the chunk source could not be built: {e}")
         else:
             self._cache = cache
-        self._done.set()
         if self._error is not None:
-            log.error("%s", self._error)
+            log.error("%s", self._error)  # before the readers waiting for the build see the error
+            self._done.set()
             return
+        self._done.set()
         with self._lock:  # seal() waits for these, and none runs after it
             for hook in self.after_build:
                 if self._sealed:
@@ -100,6 +101,10 @@ class DeferredCache(ChunkSource):
 
     def meta(self, blob: BlobInfo) -> BlobMeta:
         return self.get().meta(blob)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        return True  # a chunk cache, once built (prefetch is given the built cache: see after_build)
 
     def read_chunks(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         return self.get().read_chunks(blob, chunks)
