@@ -2,6 +2,7 @@
 before it is trusted, and bounded in memory whatever a bootstrap claims."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -9,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from conftest import needs_fuse
 
 from rafsfs.blob import BlobRef
 from rafsfs.builder import BuildOptions, build
@@ -106,6 +108,30 @@ def test_restarted_daemon_reads_a_cached_image_with_zero_backend_requests(no_tab
     assert cache.metrics.backend_requests == 0
     cache.close()
     img.close()
+
+
+@needs_fuse
+def test_restarted_fuse_daemon_asks_a_real_registry_for_nothing(no_table_image, tmp_path):
+    """End to end: ``rafsfs mount`` over a docker-registry with a chunk cache, stopped and started again."""
+    from registry_env import start_registry
+    from test_fuse import FuseMount
+
+    boot, blobs, files = no_table_image
+    (blob_path,) = blobs.iterdir()
+    with start_registry(tmp_path / "reg") as reg:
+        digest = reg.push_blob("rafsfs/meta", blob_path)
+        cfg = tmp_path / "nydusd.json"
+        cfg.write_text(json.dumps(reg.nydusd_config("rafsfs/meta", tmp_path / "cache")))
+        for run in ("cold", "restarted"):
+            before = len(reg.blob_gets(digest))
+            m = FuseMount(boot, tmp_path / "mnt", "--config", cfg)
+            try:
+                for p, data in files.items():
+                    assert (m.mnt / p[1:]).read_bytes() == data
+            finally:
+                m.stop()
+            gets = reg.blob_gets(digest)[before:]
+            assert gets if run == "cold" else gets == [], (run, gets)
 
 
 @pytest.mark.parametrize("damage", ["payload", "foreign", "truncated"])
