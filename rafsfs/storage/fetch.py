@@ -1,8 +1,8 @@
 """From a list of chunks to backend requests: adjacent chunks merged into one ranged read (up to ``amplify_io``
 bytes), groups fetched in parallel by a bounded worker pool, each chunk decompressed and verified.
 
-Both chunk sources use this one mechanism: :class:`rafsfs.storage.direct.DirectChunkSource` keeps the bytes it gets,
-:class:`rafsfs.storage.cache.chunk_cache.ChunkCache` writes them into its cache file.  zstd, lz4, blake3 and hashlib
+Both chunk sources use this one mechanism: :class:`rafsfs.storage.cache.none.DirectChunkSource` keeps the bytes it
+gets, :class:`rafsfs.storage.cache.chunk_cache.ChunkCache` writes them into its cache file.  zstd, lz4, blake3 and hashlib
 release the GIL, so worker threads decompress and hash in parallel.
 """
 from __future__ import annotations
