@@ -79,7 +79,8 @@ assert ChunkTableEntry.rec_size() == 80
 
 _TABLE_KEYS = struct.Struct("<32xI36xI4x")  # (blob_index, index) of one table entry
 _TABLE_UOFF = struct.Struct("<56xQ16x")  # uncompressed_offset of one table entry
-assert _TABLE_KEYS.size == _TABLE_UOFF.size == 80
+_TABLE_ENTRY = ChunkTableEntry._layout()
+assert _TABLE_KEYS.size == _TABLE_UOFF.size == _TABLE_ENTRY.size == 80
 
 
 class ChunkTable(Mapping):
@@ -126,12 +127,16 @@ class ChunkTable(Mapping):
         return ChunkTableEntry.unpack_from(self._raw, (p - 1) * 80) if p else None
 
     def chunk(self, blob_index: int, ci: int) -> tuple[ChunkInfo, bytes] | None:
-        """(location, digest) of one chunk, or None if the table does not list it."""
-        e = self.entry(blob_index, ci)
-        if e is None:
+        """(location, digest) of one chunk, or None if the table does not list it (the hot path of every read:
+        one struct unpack, no record object)."""
+        pos = self._positions()
+        if not (0 <= blob_index < len(pos) and 0 <= ci < len(pos[blob_index])):
             return None
-        return ChunkInfo(e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size,
-                         bool(e.flags & CHUNK_FLAG_COMPRESSED)), e.digest
+        p = pos[blob_index][ci]
+        if not p:
+            return None
+        dg, _b, flags, csize, usize, coff, uoff, _foff, _i, _crc = _TABLE_ENTRY.unpack_from(self._raw, (p - 1) * 80)
+        return ChunkInfo(coff, csize, uoff, usize, bool(flags & CHUNK_FLAG_COMPRESSED)), dg
 
     def uncompressed_offsets(self, blob_index: int) -> Iterator[int]:
         """The uncompressed offset of each chunk of a blob the table covers (:meth:`covers`), by chunk index."""

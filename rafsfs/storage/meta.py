@@ -84,20 +84,24 @@ class BlobMeta:
 
     # ------------------------------------------------------------------ one chunk
     def chunk_info(self, ci: int) -> ChunkInfo:
+        return self._located(ci)[0]
+
+    def _located(self, ci: int) -> tuple[ChunkInfo, bytes | None]:
+        """(checked location, digest or None) of chunk ``ci``."""
         if not 0 <= ci < self.count:
             raise BadImage(f"blob {self.blob.blob_id}: no chunk info for chunk {ci}")
         if self._table is not None:
             found = self._table.chunk(self.blob.index, ci)
             if found is None:  # the table was complete when this was made; it cannot lose entries
                 raise BadImage(f"blob {self.blob.blob_id}: chunk {ci} is not in the chunk table")
-            info = found[0]
-        elif self._esize == bm.CI_V2_SIZE:
+            return check_chunk_info(self.blob, found[0]), found[1]
+        if self._esize == bm.CI_V2_SIZE:
             info, flags = bm.decode_v2(self._infos, ci * bm.CI_V2_SIZE)
             if flags & (bm.CI_V2_ZRAN | bm.CI_V2_BATCH | bm.CI_V2_ENCRYPTED):
                 raise BadImage(f"blob {self.blob.blob_id}: ZRAN/batch/encrypted chunks are not supported")
         else:
             info = bm.decode_v1(self._infos, ci * bm.CI_V1_SIZE)
-        return check_chunk_info(self.blob, info)
+        return check_chunk_info(self.blob, info), self.digest(ci)
 
     def digest(self, ci: int) -> bytes | None:
         if self.digests is not None:
@@ -108,7 +112,8 @@ class BlobMeta:
 
     def chunk_ref(self, ci: int) -> ChunkRef:
         """Chunk ``ci`` of the blob, located, with its digest."""
-        return ChunkRef(self.blob.index, ci, self.chunk_info(ci), self.digest(ci))
+        info, digest = self._located(ci)
+        return ChunkRef(self.blob.index, ci, info, digest)
 
     # ------------------------------------------------------------------ the blob's uncompressed layout
     def chunks_at(self, offset: int, size: int) -> list[ChunkRef]:
@@ -367,23 +372,29 @@ class MetaCache:
         self._read_raw = read_raw
         self.work_dir = work_dir
         self._metas: dict[tuple[BlobInfo, int], BlobMeta] = {}
+        self._by_object: dict[int, BlobMeta] = {}  # id(BlobInfo) -> its meta (checked: meta.blob is the object)
         self._loading: dict[tuple[BlobInfo, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, blob: BlobInfo) -> BlobMeta:
+        meta = self._by_object.get(id(blob))  # every chunk lookup comes here: no hashing of a BlobInfo
+        if meta is not None and meta.blob is blob:
+            return meta
         key = (blob, id(blob.chunk_table))  # a BlobMeta holds its blob, so the table's id stays unique meanwhile
         meta = self._metas.get(key)
-        if meta is not None:
-            return meta
-        with self._lock:
-            lock = self._loading.setdefault(key, threading.Lock())
-        with lock:
-            meta = self._metas.get(key)
-            if meta is None:
-                meta = self._load(blob)
-                self._metas[key] = meta
-        with self._lock:
-            self._loading.pop(key, None)
+        if meta is None:
+            with self._lock:
+                lock = self._loading.setdefault(key, threading.Lock())
+            try:
+                with lock:
+                    meta = self._metas.get(key)
+                    if meta is None:
+                        meta = self._metas[key] = self._load(blob)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+        if meta.blob is blob:
+            self._by_object[id(blob)] = meta
         return meta
 
     def _load(self, blob: BlobInfo) -> BlobMeta:
@@ -408,3 +419,4 @@ class MetaCache:
     def clear(self) -> None:
         with self._lock:
             self._metas.clear()
+            self._by_object.clear()
