@@ -23,7 +23,7 @@ from rafsfs.image import MAX_IMAGE_CHUNKS, RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 from rafsfs.storage.cache.none import DirectChunkSource
-from rafsfs.storage.meta import META_SUFFIX, SavedMetaHeader
+from rafsfs.storage.meta import META_SUFFIX, BlobMeta, SavedMetaHeader, fetch_meta
 
 
 class CountingBackend(LocalFsBackend):
@@ -226,3 +226,20 @@ def test_blob_table_claims_are_capped(tmp_path, entry, error):
     _patch_blob_entry(boot, **entry)
     with pytest.raises(BadImage, match=error):
         RafsImage.open(str(boot))
+
+
+def test_fingerprint_tells_chunk_tables_apart(no_table_image):
+    """What a cache entry can be keyed by: equal only for equal chunk locations and digests."""
+    boot, blobs, _files = no_table_image
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(LocalFsBackend(str(blobs))) as src:
+        blob = img.blobs[0]
+        meta = src.meta(blob)
+        fp, all_digests = meta.fingerprint()
+        assert all_digests and fp == fetch_meta(blob, src.read_raw).fingerprint()[0]
+        moved = bytearray(meta._infos)
+        moved[8] ^= 0x01  # chunk 0 stored one byte further on
+        assert BlobMeta(blob, infos=bytes(moved), digests=meta.digests).fingerprint()[0] != fp
+        other = bytearray(meta.digests)
+        other[0] ^= 0x01
+        assert BlobMeta(blob, infos=meta._infos, digests=bytes(other)).fingerprint()[0] != fp
+        assert BlobMeta(blob, infos=meta._infos).fingerprint()[1] is False  # no digests: unverifiable

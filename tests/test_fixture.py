@@ -19,7 +19,7 @@ from rafsfs.format.toc import TOC_ENTRY_SIZE, parse_tar_header
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache.none import DirectChunkSource
-from rafsfs.storage.meta import fetch_meta, parse_toc, read_digests, read_toc
+from rafsfs.storage.meta import fetch_meta, parse_toc, read_digests, read_toc, table_meta
 
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BOOT_SHA256 = "6a1ab377a31df3b1dfe6d3f09b4168f1db66207f77012206ac7b98cb5a42186d"
@@ -179,6 +179,9 @@ def test_blob_meta_equals_chunk_table(image, source):
             (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size)
         assert info.compressed == bool(e.flags & 1)
         assert info.uncompressed_offset % 4096 == 0  # ALIGNED
+    # the same chunk table, whichever way it was recorded
+    assert meta.fingerprint() == table_meta(blob).fingerprint()
+    assert meta.fingerprint()[1]  # every chunk has a digest
     # the uncompressed view packs chunks at 4K boundaries, in order
     assert infos[0].uncompressed_offset == 0
     assert infos[1].uncompressed_offset == -(-infos[0].uncompressed_size // 4096) * 4096

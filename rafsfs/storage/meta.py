@@ -47,6 +47,8 @@ MAX_CI_ARRAY = 1 << 30  # bytes of one blob's chunk-info array (2^24 chunks of 2
 
 ReadRaw = Callable[[BlobInfo, int, int], bytes]  # (blob, offset, size) -> stored bytes, one backend request
 
+_FINGERPRINT_CHUNK = struct.Struct("<QIQI?32s")
+
 _V1_U = struct.Struct("<Q8x")
 _V2_U = struct.Struct("<Q16x")
 
@@ -76,6 +78,7 @@ class BlobMeta:
             raise BadImage(f"blob {blob.blob_id}: blob.digest has the wrong size")
         self.digests = digests
         self._layout: tuple[array, array] | None = None
+        self._fingerprint: tuple[bytes, bool] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -114,6 +117,27 @@ class BlobMeta:
         """Chunk ``ci`` of the blob, located, with its digest."""
         info, digest = self._located(ci)
         return ChunkRef(self.blob.index, ci, info, digest)
+
+    def fingerprint(self) -> tuple[bytes, bool]:
+        """(sha256 over the blob's geometry and every chunk's location, size and digest, in chunk order; whether
+        every chunk has a digest).  Equal for two images exactly when they agree on the blob's chunk table, however
+        each recorded it (bootstrap chunk table or blob.meta): what a cache entry for the blob can be keyed by.
+        Computed once (one pass over the packed arrays)."""
+        fp = self._fingerprint
+        if fp is None:
+            b = self.blob
+            h = hashlib.sha256(b"rafsfs blob chunk table v1\0")
+            h.update(struct.pack("<64sIIIIQQ", b.blob_id.encode(), b.compressor, b.digester, b.chunk_size,
+                                 b.chunk_count, b.compressed_size, b.uncompressed_size))
+            all_digests = True
+            for ci in range(self.count):
+                info, dg = self._located(ci)
+                all_digests = all_digests and dg is not None
+                h.update(_FINGERPRINT_CHUNK.pack(info.compressed_offset, info.compressed_size,
+                                                 info.uncompressed_offset, info.uncompressed_size, info.compressed,
+                                                 dg or bytes(DIGEST_SIZE)))
+            fp = self._fingerprint = (h.digest(), all_digests)
+        return fp
 
     # ------------------------------------------------------------------ the blob's uncompressed layout
     def chunks_at(self, offset: int, size: int) -> list[ChunkRef]:
