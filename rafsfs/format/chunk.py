@@ -129,7 +129,7 @@ class ChunkTable(Mapping):
     def chunk(self, blob_index: int, ci: int) -> tuple[ChunkInfo, bytes] | None:
         """(location, digest) of one chunk, or None if the table does not list it (the hot path of every read:
         one struct unpack, no record object)."""
-        pos = self._positions()
+        pos = self._pos if self._pos is not None else self._positions()
         if not (0 <= blob_index < len(pos) and 0 <= ci < len(pos[blob_index])):
             return None
         p = pos[blob_index][ci]
