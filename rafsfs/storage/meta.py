@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 META_SUFFIX = ".blob.meta"
 DIGEST_SIZE = 32
 MAX_TOC_SIZE = 1 << 20
-MAX_CI_ARRAY = 1 << 30  # bytes of one blob's chunk-info array (2^24 chunks of 24 bytes fit well inside)
+MAX_CI_ARRAY = 1 << 30  # bytes of one blob's chunk-info array (the image's chunk cap keeps it under 384 MiB)
 
 ReadRaw = Callable[[BlobInfo, int, int], bytes]  # (blob, offset, size) -> stored bytes, one backend request
 
@@ -427,6 +427,7 @@ class MetaCache:
         meta = table_meta(blob)
         if meta is not None:
             return meta
+        check_ci_sizes(blob)  # what the blob table says must make sense before anything is read or trusted
         path = meta_path(self.work_dir, blob) if self.work_dir else None
         if path is not None:
             meta = load_saved_meta(path, blob)
