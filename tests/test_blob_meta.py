@@ -2,6 +2,7 @@
 before it is trusted, and bounded in memory whatever a bootstrap claims."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -134,7 +135,7 @@ def test_restarted_fuse_daemon_asks_a_real_registry_for_nothing(no_table_image, 
             assert gets if run == "cold" else gets == [], (run, gets)
 
 
-@pytest.mark.parametrize("damage", ["payload", "foreign", "truncated"])
+@pytest.mark.parametrize("damage", ["payload", "foreign", "truncated", "forged"])
 def test_saved_metadata_that_does_not_match_is_fetched_again(no_table_image, tmp_path, damage):
     boot, blobs, files = no_table_image
     img, be, cache = _session(boot, blobs, tmp_path / "cache")
@@ -148,8 +149,15 @@ def test_saved_metadata_that_does_not_match_is_fetched_again(no_table_image, tmp
         saved[SavedMetaHeader.rec_size() + 3] ^= 0x10
     elif damage == "foreign":  # written for another blob-table entry (another image naming the same blob id)
         saved[8 + 64] ^= 0x01  # chunk_count
-    else:
+    elif damage == "truncated":
         saved = saved[:len(saved) // 2]
+    else:  # a consistent file for the same blob table entry, with other chunk locations (another image's daemon
+        # fetched it from a registry serving other bytes under this blob id): the blob's ToC does not vouch for it
+        n = SavedMetaHeader.rec_size()
+        hdr = SavedMetaHeader.unpack_from(saved)
+        saved[n + 3] ^= 0x10
+        hdr.payload_sha256 = hashlib.sha256(saved[n:]).digest()
+        saved[:n] = hdr.pack()
     path.write_bytes(bytes(saved))
 
     img, be, cache = _session(boot, blobs, tmp_path / "cache")

@@ -5,8 +5,8 @@ range of the blob's uncompressed layout" (:meth:`BlobMeta.chunks_at`).  It comes
 
 - the bootstrap's chunk table, when it lists every chunk of the blob (no I/O at all);
 - the blob's own metadata, read through the backend: the chunk-info array (``blob.meta``, its 4 KiB header checked
-  against the blob table) and, when the blob inlines them, the chunk digests (``blob.digest``, found through the
-  blob's ToC, whose sha256 the blob table records).
+  against the blob table) and, when the blob inlines them, the chunk digests (``blob.digest``), both checked against
+  the digests in the blob's ToC, whose own sha256 the bootstrap's blob table records.
 
 The arrays stay as the bytes they were read as (16 or 24 bytes per chunk, 32 per digest): a blob of a million
 chunks costs a few tens of MiB, never a Python object per chunk.  Every entry is checked when it is decoded.
@@ -14,8 +14,9 @@ chunks costs a few tens of MiB, never a Python object per chunk.  Every entry is
 :class:`MetaCache` keeps one BlobMeta per blob for a chunk source and, given a directory (the chunk cache's), keeps
 what it read from the backend beside the cache entry (``<blob id>.blob.meta``): a restarted daemon then reads a
 cached image without a single backend request.  The saved file records what the blob table said when it was written
-and a sha256 of its contents; a file that does not match the reading image's blob table, or is damaged, is fetched
-again, never trusted.
+and a sha256 of its contents, and keeps the ToC: a copy is used only if it matches the reading image's blob table and
+its ToC digest chain (so another image's copy of a blob with the same id, fetched from another registry, is never
+taken on trust).  Anything else is fetched again.  Blobs without a ToC digest are fetched again at every start.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from ..errors import BadImage, CorruptChunk, RafsError
 from ..format import blob_meta as bm
 from ..format import blob_table as bt
 from ..format.record import Record, field
-from ..format.toc import SECTION_DIGEST, TOC_ENTRY_SIZE, TocEntry
+from ..format.toc import SECTION_DIGEST, SECTION_META, TOC_ENTRY_SIZE, TocEntry
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +284,34 @@ def read_digests(blob: BlobInfo, read_raw: ReadRaw, toc_raw: bytes) -> bytes | N
     return None
 
 
+def check_sections(blob: BlobInfo, toc_raw: bytes, infos: bytes, digests: bytes | None) -> bool:
+    """Check the chunk-info array and the digest array against the digests the ToC records for them (sha256 of the
+    uncompressed section); a mismatch is :class:`BadImage`.  True when both are vouched for this way: the ToC's own
+    sha256 is in the bootstrap (``blob.toc_digest``), so the arrays are then the ones the reading image names."""
+    if not toc_raw or not any(blob.toc_digest):
+        return False
+    found = {e.section: e.digest for e in parse_toc(blob, toc_raw)}
+    vouched = True
+    for name, body in ((SECTION_META, infos), (SECTION_DIGEST, digests)):
+        want = found.get(name)
+        if body is None:
+            continue
+        if want is None or not any(want):
+            vouched = False
+        elif hashlib.sha256(body).digest() != want:
+            raise BadImage(f"blob {blob.blob_id}: {name.decode()} does not match the digest in the blob's ToC")
+    return vouched
+
+
 def fetch_meta(blob: BlobInfo, read_raw: ReadRaw) -> BlobMeta:
-    """The blob's metadata read from the blob itself (chunk-info array, ToC, digests): three requests at most."""
+    """The blob's metadata read from the blob itself (ToC, chunk-info array, digests): three requests at most."""
     if not blob.nydus:
         raise BadImage(f"device {blob.index + 1} is not a Nydus blob: it has no chunk information")
+    toc = read_toc(blob, read_raw)
     infos = read_chunk_infos(blob, read_raw)
-    toc = read_toc(blob, read_raw) if blob.features & bt.FEAT_INLINED_CHUNK_DIGEST else b""
-    return BlobMeta(blob, infos=infos, digests=read_digests(blob, read_raw, toc), toc=toc)
+    digests = read_digests(blob, read_raw, toc)
+    check_sections(blob, toc, infos, digests)
+    return BlobMeta(blob, infos=infos, digests=digests, toc=toc)
 
 
 # ---------------------------------------------------------------------------- kept beside the cache entry
@@ -379,9 +401,14 @@ def load_saved_meta(path: str, blob: BlobInfo) -> BlobMeta | None:
     try:
         if h.digest() != hdr.payload_sha256:
             raise BadImage("checksum mismatch")
+        digests = digests if hdr.has_digests else None
         if toc:
             check_toc(blob, toc)
-        return BlobMeta(blob, infos=infos, toc=toc, digests=digests if hdr.has_digests else None)
+        if not check_sections(blob, toc, infos, digests):
+            # only the reading image's own bootstrap can vouch for a copy (through the ToC's sha256): a copy that
+            # another image's daemon saved from another registry is never taken on the blob table's word alone
+            raise BadImage("not vouched for by the blob's ToC")
+        return BlobMeta(blob, infos=infos, toc=toc, digests=digests)
     except RafsError as e:
         log.info("blob %s: saved metadata %s not used (%s): fetching it again", blob.blob_id, path, e)
         return None
