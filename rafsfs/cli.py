@@ -14,12 +14,15 @@ import sys
 import traceback
 
 from . import __version__
-from .commands import COMMANDS
-from .commands._common import chunk_size, error, make_parents, one_line, parse_size  # noqa: F401 (public)
-from .errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, exit_status  # noqa: F401
+from .commands import build, cache, cat, check, convert, extract, inspect, ls, mount, pull, stats, umount
+from .commands._common import chunk_size, error, make_parents, parse_size  # noqa: F401 (the size types: public)
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, exit_status
 from .tools import clear_progress
 
 log = logging.getLogger("rafsfs")
+
+COMMANDS = (build, inspect, ls, cat, extract, check, mount, stats, convert, pull, umount, cache)  # --help's order
+
 
 # ------------------------------------------------------------------------------------------------ the parser
 def build_parser() -> argparse.ArgumentParser:

@@ -33,13 +33,14 @@ if TYPE_CHECKING:
     from .config import RafsConfig
     from .blob import BlobInfo
     from .image import RafsImage
+    from .storage.cache.prefetch import Prefetcher
     from .storage.metrics import CacheMetrics
     from .storage.source import ChunkSource
-    from .storage.cache.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
 SourceMode = Literal["eager", "deferred"]
+PROBE_DEADLINE = 5.0  # seconds a probe of one blob may take (nydusd's request timeout; a read gets more)
 
 
 class MountError(RafsError):
@@ -95,7 +96,10 @@ def source_traits(source: "ChunkSource | None") -> SourceTraits:
 
 def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
     """Read one byte of every blob the image names, so that a missing blob or an unreachable registry stops the
-    mount with one line instead of turning every later read into EIO."""
+    mount with one line instead of turning every later read into EIO.  Each probe may take at most
+    :data:`PROBE_DEADLINE`, not a read's full deadline."""
+    from .storage.backend.base import deadline_cap
+
     if source is None:
         return
     fully_cached = source_traits(source).fully_cached
@@ -105,7 +109,8 @@ def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
         if fully_cached(blob):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
-            source.read_raw(blob, 0, 1)
+            with deadline_cap(PROBE_DEADLINE):
+                source.read_raw(blob, 0, 1)
         except RafsError as e:
             raise MountError(f"cannot read blob {blob.ref.name}: {e}") from None
 

@@ -5,13 +5,15 @@
     rafsfs-nydusd --version
 
 nydusd's JSON config (``device.backend``/``device.cache``, ``digest_validate``, ...) names the blob backend and cache
-work dir; the blobs are the ones the bootstrap's blob table names.  The image is mounted read-only with FUSE at
-``--mountpoint``; the daemon API on ``--apisock`` reports ``INIT`` until the mount is in place and then ``RUNNING``.
+work dir; the blobs are the ones the bootstrap's blob table names.  The image is mounted read-only at
+``--mountpoint`` in the best mode the machine has: ``$RAFSFS_NYDUSD_MODE`` = ``auto`` (the default: fanotify where the
+kernel and the cache directory allow it, else FUSE), ``fanotify`` or ``fuse``; the daemon API on ``--apisock`` reports ``INIT`` until the mount is in place and then ``RUNNING``.
 SIGTERM (what the snapshotter sends) or ``PUT /api/v1/daemon/exit`` unmounts and exits 0.  Flags nydusd has and this
 daemon does not need (``--thread-num``, ``--log-rotation-size``, ``--id``, ``--supervisor``, ...) are accepted; unknown
 ones are logged and ignored, as nydus-snapshotter's newer versions may pass more.
 
-Like ``rafsfs.cli``, this is a front end: it composes the core with ``fuse_backend``.
+Like ``rafsfs.cli``, this is a front end: it composes the core with a mode (``rafsfs.commands.mount`` chooses it)
+in one :class:`rafsfs.daemon.MountSession`.
 """
 from __future__ import annotations
 
@@ -42,8 +44,11 @@ def version_text() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rafsfs-nydusd", description="nydusd-compatible daemon: serves a RAFS v6 image over FUSE with the "
-                                          "nydusd HTTP API (rafsfs " + __version__ + ")")
+        prog="rafsfs-nydusd", description="nydusd-compatible daemon: serves a RAFS v6 image (FUSE, or the kernel's "
+                                          "EROFS filled on fanotify events) with the nydusd HTTP API (rafsfs "
+                                          + __version__ + ")",
+        epilog="Environment: RAFSFS_NYDUSD_MODE=auto|fanotify|fuse chooses how 'fuse' mounts are served (default "
+               "auto: fanotify where the kernel and the cache directory allow it, else FUSE).")
     p.add_argument("-V", "--version", action="store_true", help="print build information and exit")
     p.add_argument("--config", metavar="FILE", help="nydusd JSON config (backend and cache)")
     p.add_argument("--bootstrap", metavar="FILE", help="RAFS v6 bootstrap to mount")
@@ -80,6 +85,7 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 
 
 HOLD_INIT = 30.0  # seconds a state query may wait for the mount (the snapshotter's HTTP timeout is 30 s)
+MODE_ENV = "RAFSFS_NYDUSD_MODE"  # fuse | fanotify | auto (default): how the 'fuse' subcommand serves the image
 
 
 def run_fuse_daemon(args: argparse.Namespace) -> int:
@@ -89,8 +95,7 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
     snapshotter waits for RUNNING, and the registry source (an HTTP stack to import, a probe round trip per blob) is
     built while the runtime sets the container up; a state query made while the daemon is still INIT is answered
     as soon as the mount is complete (or the daemon DIED)."""
-    from fuse_backend.runner import FuseRunner  # the front end composes the backend
-
+    from .commands.mount import SESSION_MODES, MountRequest, runner_for, select_mode  # composes the backends
     from .config import load_config
     from .daemon import MountSession, MountSpec
 
@@ -99,11 +104,14 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
     if args.upgrade:
         raise RafsError("--upgrade (hot upgrade with state takeover) is not supported by rafsfs")
     cfg = load_config(args.config) if args.config else None
+    cache_dir = cfg.cache.work_dir if cfg is not None and cfg.cache.type != "none" else None
+    mode = select_mode(os.environ.get(MODE_ENV, "auto"), MountRequest(cache_dir=cache_dir, options=()),
+                       SESSION_MODES, what=MODE_ENV)
     deferred = cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
     spec = MountSpec(bootstrap=args.bootstrap, mountpoint=args.mountpoint, config=cfg,
                      source_mode="deferred" if deferred else "eager", apisock=args.apisock,
                      prefetch=args.prefetch_files, daemon_id=args.id, api_mountpoint="/", hold_init=HOLD_INIT)
-    with MountSession(spec, FuseRunner()) as session:
+    with MountSession(spec, runner_for(mode)) as session:
         session.serve()
     log.info("daemon %s stopped", session.daemon_id)
     return 0

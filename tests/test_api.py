@@ -426,3 +426,37 @@ def test_api_socket_is_never_open_to_others(tmp_path):
         assert os.umask(old) == old  # the process umask is as it was
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("mode, words", [("fanotify", "RAFSFS_NYDUSD_MODE fanotify is not available"),
+                                         ("fscache", "RAFSFS_NYDUSD_MODE fscache is not supported here")])
+def test_nydusd_forced_mode_that_cannot_work_is_one_line(image, tmp_path, mode, words):
+    """rafsfs-nydusd picks its mode where rafsfs mount does; a forced one that cannot serve (fanotify without a
+    cache, or fscache, which is the singleton daemon's) is one ERROR line, before any socket."""
+    d, _ = image
+    (tmp_path / "mnt").mkdir()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(d / "blobs")}},
+                                          "cache": {"type": "none"}}}))
+    p = subprocess.run(_nydusd("fuse", "--config", cfg, "--bootstrap", d / "img.boot", "--mountpoint",
+                               tmp_path / "mnt", "--apisock", tmp_path / "api.sock"),
+                       capture_output=True, text=True, env=dict(_env(), RAFSFS_NYDUSD_MODE=mode), timeout=60)
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
+    assert p.returncode == 1 and len(errors) == 1 and words in errors[0], p.stderr
+    assert not (tmp_path / "api.sock").exists()
+
+
+def test_a_backend_adds_its_own_routes(tmp_path):
+    """DaemonHooks.routes: a backend's own API (fscache's v2 blob routes) without editing the server."""
+    seen = []
+    hooks = DaemonHooks(routes={("PUT", "/api/v2/blobs"): lambda q, b: seen.append(b) or {"ok": True},
+                                ("GET", "/api/v2/extra"): lambda q, b: None})
+    server = ApiServer(str(tmp_path / "s.sock"), "id", hooks).start()
+    try:
+        c = ApiClient(str(tmp_path / "s.sock"))
+        assert c.request("PUT", "/api/v2/blobs", {"blob_id": "x"}) == {"ok": True} and seen == [{"blob_id": "x"}]
+        assert c.get("/api/v2/extra") is None
+        with pytest.raises(ApiError, match="405|not allowed"):
+            c.request("POST", "/api/v2/extra")
+    finally:
+        server.close()

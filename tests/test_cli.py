@@ -73,6 +73,32 @@ def test_help_for_every_command():
     assert "--blob-dir DIR" in run_rafsfs_proc("check", "--help").stdout
 
 
+def test_every_command_and_option_has_help():
+    """--help is complete: each subcommand of rafsfs and each option of rafsfs and rafsfs-nydusd says what it does
+    (rafsfs-nydusd's flags kept only for nydusd compatibility are hidden on purpose)."""
+    import argparse
+
+    from rafsfs.cli import build_parser
+    from rafsfs.nydusd import build_parser as nydusd_parser
+
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, name: str) -> None:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in a._choices_actions}
+                for sub, sp in a.choices.items():
+                    if not helps.get(sub):
+                        missing.append(f"{name} {sub}")
+                    walk(sp, f"{name} {sub}")
+            elif a.help is None:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), "rafsfs")
+    walk(nydusd_parser(), "rafsfs-nydusd")
+    assert missing == []
+
+
 @pytest.mark.parametrize("args", [[], ["frob"], ["ls"], ["build", "x", "--bootstrap", "b", "--blob-dir", "d",
                                                          "--chunk-size", "3K"],
                                   ["build", "x", "--bootstrap", "b", "--blob-dir", "d", "--chunk-size", "1X"]])

@@ -149,3 +149,18 @@ def test_prefetch_list_parser(tmp_path):
         parse_prefetch_list(str(f))
     with pytest.raises(MountError, match="neither a file nor an absolute path"):
         parse_prefetch_list("no-such-list.txt")
+
+
+def test_prefetch_threads_beyond_what_is_used_are_said(image, tmp_path, caplog):
+    """L8: fs_prefetch.threads_count above what the prefetcher uses was clamped silently."""
+    import logging
+
+    d, _ = image
+    sock = tmp_path / "api.sock"
+    (tmp_path / "mnt").mkdir()
+    caplog.set_level(logging.INFO, logger="rafsfs.daemon")
+    spec = MountSpec(bootstrap=str(d / "img.boot"), mountpoint=str(tmp_path / "mnt"), apisock=str(sock),
+                     config=load_config(str(_config(d, tmp_path, enable=True, prefetch_all=True, threads_count=8))))
+    with MountSession(spec, ProbeRunner(sock)) as session:
+        session.serve()
+    assert "prefetch: 8 threads configured, 4 used" in caplog.text

@@ -1,7 +1,9 @@
 """FUSE mode with real mounts: the mounted tree equals the source and a kernel EROFS mount of the same image."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import socket
@@ -251,3 +253,48 @@ def test_daemon_mode_and_umount(built, tmp_path):
     else:
         pytest.fail("daemon did not exit after umount")
     assert not is_mounted(mnt)
+
+
+# ---------------------------------------------------------------------------------------------- review low items
+def _local_config(path: Path, blobs: Path, **top) -> Path:
+    path.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                                           "cache": {"type": "none"}}, **top}))
+    return path
+
+
+def test_enable_xattr_false_hides_xattrs(built, tricky_src, tmp_path):
+    """L8: the config's enable_xattr was parsed and ignored; false now hides every xattr (ENOTSUP), as nydusd."""
+    d, boots = built
+    cfg = _local_config(tmp_path / "cfg.json", d / "blobs", enable_xattr=False)
+    m = FuseMount(boots["zstd"], tmp_path / "mnt", "--config", cfg)
+    try:
+        f = m.mnt / "xattrs" / "user"
+        assert os.listxattr(tricky_src / "xattrs" / "user")  # the image has them
+        for call in (lambda: os.listxattr(f), lambda: os.getxattr(f, "user.mime_type")):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.ENOTSUP
+        assert f.read_bytes() == (tricky_src / "xattrs" / "user").read_bytes()
+    finally:
+        m.stop()
+
+
+@pytest.mark.allow_log("No space left on device")
+def test_daemon_errors_reach_readers_as_eio(caplog):
+    """L9: an OSError of the daemon's own (EBADF, EMFILE, ENOSPC on its cache files) used to be forwarded as the
+    reader's errno; it is EIO, and the log keeps the original.  The core's errors keep their own errno."""
+    import pyfuse3
+    from fuse_backend.operations import _fuse_errors, errno_of
+    from rafsfs.errors import CorruptChunk, NoXattr, NotFound
+
+    assert errno_of(NotFound("x")) == errno.ENOENT and errno_of(NoXattr("x")) == errno.ENODATA
+    assert errno_of(CorruptChunk("x")) == errno.EIO
+    for code in (errno.EBADF, errno.EMFILE, errno.ENOSPC, errno.EACCES):
+        assert errno_of(OSError(code, os.strerror(code))) == errno.EIO
+    assert errno_of(ValueError("a bug")) == errno.EIO
+    caplog.set_level(logging.ERROR, logger="fuse_backend")
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        with _fuse_errors("read"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.EIO
+    assert "No space left on device" in caplog.text

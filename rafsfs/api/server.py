@@ -57,6 +57,9 @@ class DaemonHooks:
     bind_blob: Handler | None = None  # PUT /api/v2/blobs (fscache)
     unbind_blob: Handler | None = None  # DELETE /api/v2/blobs?domain_id=&blob_id=
     mounts: list[MountEntry] = field(default_factory=list)
+    # more routes, (method, path) -> handler, answered like the ones above (a backend's own API: fscache's v2 blob
+    # routes); they take precedence over the built-in ones
+    routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -153,6 +156,8 @@ class ApiServer:
             ("PUT", "/api/v2/blobs"): self._hook("bind_blob", "binding fscache blobs"),
             ("DELETE", "/api/v2/blobs"): self._hook("unbind_blob", "unbinding fscache blobs"),
         }
+        for key, handler in self.hooks.routes.items():
+            self._routes[key] = self._answer_with(handler)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> ApiServer:
@@ -252,6 +257,13 @@ class ApiServer:
             handler = getattr(self.hooks, name)
             if handler is None:
                 raise ApiError(f"{what} is not supported by this daemon", 501, "Unsupported")
+            return self._answer_with(handler)(q, b)
+        return fn
+
+    @staticmethod
+    def _answer_with(handler: Handler) -> Callable[[Query, bytes], tuple[int, Json]]:
+        """A route for ``handler``: the body parsed as JSON; its answer 200 with JSON, or 204 when None."""
+        def fn(q: Query, b: bytes) -> tuple[int, Json]:
             answer = handler(q, _json_body(b))
             return (200, answer) if answer is not None else (204, None)
         return fn

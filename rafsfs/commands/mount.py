@@ -20,9 +20,13 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import RafsError
 from ._common import Parents, add_command, is_reference, println, reference, registry_options
+
+if TYPE_CHECKING:
+    from ..config import RafsConfig
 
 log = logging.getLogger("rafsfs")
 
@@ -110,16 +114,21 @@ PROBES: dict[str, Callable[[MountRequest], tuple[str | None, str]]] = {
     "fscache": _fscache_problem, "fanotify": _fanotify_problem, "fuse": _fuse_problem}
 
 
-def select_mode(requested: str, req: MountRequest) -> str:
-    """The mode to mount with.  ``auto``: the first of :data:`MODES` that can serve ``req``, with one log line
-    saying which and why; a forced mode that cannot work is a one-line error with the reason."""
+SESSION_MODES = ("fanotify", "fuse")  # the modes that run in a MountSession (what rafsfs-nydusd can serve)
+
+
+def select_mode(requested: str, req: MountRequest, modes: tuple[str, ...] = MODES, what: str = "--mode") -> str:
+    """The mode to mount with.  ``auto``: the first of ``modes`` that can serve ``req``, with one log line saying
+    which and why; a forced mode that cannot work is a one-line error with the reason."""
     if requested != "auto":
+        if requested not in modes:
+            raise RafsError(f"{what} {requested} is not supported here (choose from {', '.join(modes)} or auto)")
         problem, _ = PROBES[requested](req)
         if problem is not None:
-            raise RafsError(f"--mode {requested} is not available: {problem} (use --mode fuse or auto)")
+            raise RafsError(f"{what} {requested} is not available: {problem} (use {what} fuse or auto)")
         return requested
     passed: list[str] = []
-    for mode in MODES:
+    for mode in modes:
         problem, why = PROBES[mode](req)
         if problem is None:
             because = "; ".join([*passed, why]) if passed else why
@@ -129,15 +138,11 @@ def select_mode(requested: str, req: MountRequest) -> str:
     raise AssertionError("fuse is always available")
 
 
-def _request(args: argparse.Namespace) -> MountRequest:
-    from ..config import load_config
-
-    cache_dir = None
+def _request(args: argparse.Namespace, cfg: "RafsConfig | None") -> MountRequest:
     if is_reference(args.source):
-        cache_dir = os.path.join(args.work_dir, "cache")  # where prepare_mount's config puts the cache
-    elif args.config:
-        cfg = load_config(args.config)
-        cache_dir = cfg.cache.work_dir if cfg.cache.type != "none" else None
+        cache_dir: str | None = os.path.join(args.work_dir, "cache")  # where prepare_mount's config puts it
+    else:
+        cache_dir = cfg.cache.work_dir if cfg is not None and cfg.cache.type != "none" else None
     options = tuple(o for o, v in (("--prefetch-files", args.prefetch_files), ("--apisock", args.apisock)) if v)
     return MountRequest(cache_dir=cache_dir, options=options)
 
@@ -160,14 +165,17 @@ def runner_for(mode: str):
 
 # ------------------------------------------------------------------------------------------------ the command
 def run(args: argparse.Namespace) -> int:
-    req = MountRequest(cache_dir=None, options=()) if args.mode == "fuse" else _request(args)
-    mode = select_mode(args.mode, req)
+    from ..storage.factory import config_from_args
+
+    cfg = None if is_reference(args.source) else config_from_args(args.blob_dir, args.device, args.config)
+    mode = select_mode(args.mode, _request(args, cfg))
     mountpoint = os.path.realpath(args.mountpoint)
     runner = runner_for(mode) if mode != "fscache" else None
     if runner is not None:
         runner.preflight(mountpoint)
     if is_reference(args.source):  # fetch only the bootstrap; blobs are read lazily from the registry
         _resolve_reference(args)
+        cfg = config_from_args(args.blob_dir, args.device, args.config)
     from ..image import RafsImage
 
     RafsImage.open(args.source).close()  # a bad image fails here, in one line, before anything is mounted
@@ -175,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         return _mount_fscache(args, mountpoint)
     if not args.foreground:
         return _start_background(args, mountpoint, mode)
-    return _serve(args, mountpoint, runner)
+    return _serve(args, mountpoint, runner, cfg)
 
 
 def _resolve_reference(args: argparse.Namespace) -> None:
@@ -198,13 +206,11 @@ def _apisock(args: argparse.Namespace, mountpoint: str) -> str:
     return os.path.abspath(args.apisock) if args.apisock else default_apisock(mountpoint)
 
 
-def _serve(args: argparse.Namespace, mountpoint: str, runner) -> int:
+def _serve(args: argparse.Namespace, mountpoint: str, runner, cfg: "RafsConfig | None") -> int:
     """The daemon itself: one mount session until unmounted or SIGTERM."""
     from ..daemon import MountSession, MountSpec
-    from ..storage.factory import config_from_args
 
-    spec = MountSpec(bootstrap=args.source, mountpoint=mountpoint,
-                     config=config_from_args(args.blob_dir, args.device, args.config),
+    spec = MountSpec(bootstrap=args.source, mountpoint=mountpoint, config=cfg,
                      apisock=_apisock(args, mountpoint), prefetch=args.prefetch_files, pid_file=args.pid_file,
                      devices_given=len(args.device))
     with MountSession(spec, runner) as session:

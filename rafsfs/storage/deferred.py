@@ -23,6 +23,7 @@ from .source import ChunkSource
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 5.0  # seconds close() waits for a build under way
+GET_WAIT = 10.0  # seconds a read waits for the build before it fails (a registry that does not answer)
 
 
 class DeferredCache(ChunkSource):
@@ -82,11 +83,13 @@ class DeferredCache(ChunkSource):
         with self._lock:
             self._sealed = True
 
-    def get(self) -> ChunkCache:
-        """The cache, once built (starting the build if nobody did)."""
+    def get(self, timeout: float = GET_WAIT) -> ChunkCache:
+        """The cache, once built (starting the build if nobody did); a build that takes longer than ``timeout``
+        fails this read (EIO), not the next ones."""
         if not self._done.is_set():
             self.start()
-            self._done.wait()
+            if not self._done.wait(timeout):
+                raise BlobUnavailable(f"the chunk source is still being built after {timeout:g} s")
         if self._error is not None:
             err = copy.copy(self._error)  # a new one per read: raising one object again and again grows its traceback
             err.__traceback__ = None

@@ -1,9 +1,14 @@
 """The interface every blob backend implements: ranged reads of a blob object."""
 from __future__ import annotations
 
+import contextlib
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from ...blob import BlobRef, check_blob_id  # noqa: F401  (backends import them from here too)
+
+_cap = threading.local()
 
 
 class BlobBackend(ABC):
@@ -21,3 +26,20 @@ class BlobBackend(ABC):
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def deadline_cap(seconds: float) -> Iterator[None]:
+    """Backend operations this thread starts inside the block take at most ``seconds`` each, whatever the
+    backend's own deadline (a mount's probe of its blobs must not wait as long as a read may)."""
+    old = getattr(_cap, "seconds", None)
+    _cap.seconds = seconds if old is None else min(old, seconds)
+    try:
+        yield
+    finally:
+        _cap.seconds = old
+
+
+def current_deadline_cap() -> float | None:
+    """The cap :func:`deadline_cap` set for this thread, if any."""
+    return getattr(_cap, "seconds", None)
