@@ -24,7 +24,7 @@ from rafsfs.builder import BuildOptions, build
 from rafsfs.config import from_dict
 from rafsfs.image import RafsImage
 from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
-from rafsfs.storage.open import source_from_config
+from rafsfs.storage.factory import source_from_config
 
 MiB = 1 << 20
 REPO = "rafsfs/test"

@@ -2,40 +2,19 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from ...errors import BlobUnavailable
+from ...blob import BlobRef, check_blob_id  # noqa: F401  (backends import them from here too)
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _cap = threading.local()
-
-
-def check_blob_id(blob_id: str) -> str:
-    """A blob id becomes a file name or a URL path: accept only 64 lowercase hex digits."""
-    if not _HEX64.fullmatch(blob_id):
-        raise BlobUnavailable(f"invalid blob id {blob_id!r}")
-    return blob_id
-
-
-@dataclass(frozen=True)
-class BlobRef:
-    """Names one blob for a backend: its content id (hex sha256) or, for plain EROFS devices whose slot carries
-    no id, its device index."""
-
-    blob_id: str
-    device_index: int
-
-    @property
-    def name(self) -> str:
-        return self.blob_id or f"device #{self.device_index + 1}"
 
 
 class BlobBackend(ABC):
     """Reads byte ranges of blobs.  Implementations raise :class:`BlobUnavailable` on any failure."""
+
+    is_local = False  # True: blobs are local files (a read never waits on the network)
 
     @abstractmethod
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
