@@ -9,8 +9,8 @@ import pyfuse3
 import trio
 
 from rafsfs.daemon import source_traits
-from rafsfs.image import ChunkSource, RafsImage
-from rafsfs.storage.recent import RecentChunks
+from rafsfs.image import RafsImage
+from rafsfs.storage.source import ChunkSource
 
 from .operations import RafsOperations
 from .runner import preflight
@@ -90,7 +90,7 @@ def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, f
     if data_local is None:
         data_local = data_is_local(source)
     inline_max = INLINE_MAX if data_local else 0
-    ops = RafsOperations(image, RecentChunks(source) if source is not None else None, inline_max=inline_max,
+    ops = RafsOperations(image, source, inline_max=inline_max,
                          enable_xattr=enable_xattr)
     options = set(pyfuse3.default_options)
     options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}

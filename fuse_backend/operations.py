@@ -22,7 +22,8 @@ import pyfuse3
 import trio
 
 from rafsfs.errors import RafsError
-from rafsfs.image import ChunkSource, Inode, RafsImage
+from rafsfs.image import Inode, RafsImage
+from rafsfs.storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 

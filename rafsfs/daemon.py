@@ -31,13 +31,16 @@ from .errors import RafsError
 if TYPE_CHECKING:
     from .api.server import ApiServer, DaemonHooks
     from .config import RafsConfig
-    from .image import BlobInfo, ChunkSource, RafsImage
-    from .storage.cache.metrics import CacheMetrics
+    from .blob import BlobInfo
+    from .image import RafsImage
     from .storage.cache.prefetch import Prefetcher
+    from .storage.metrics import CacheMetrics
+    from .storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 
 SourceMode = Literal["eager", "deferred"]
+PROBE_DEADLINE = 5.0  # seconds a probe of one blob may take (nydusd's request timeout; a read gets more)
 
 
 class MountError(RafsError):
@@ -85,22 +88,18 @@ class SourceTraits:
 
 
 def source_traits(source: "ChunkSource | None") -> SourceTraits:
-    """The one place that asks a chunk source for its capabilities.  (Until the ChunkSource base class lands in
-    rafsfs/storage/source.py with ``is_local``, ``metrics`` and ``fully_cached()``, they are read by attribute
-    here; then this becomes three attribute reads.)"""
+    """The one place that asks a chunk source for its capabilities (the ChunkSource contract)."""
     if source is None:
         return SourceTraits(is_local=True, metrics=None, fully_cached=lambda blob: False)
-    from .storage.backend.localfs import LocalFsBackend
-
-    fully_cached = getattr(source, "fully_cached", None)
-    return SourceTraits(is_local=isinstance(getattr(source, "backend", None), LocalFsBackend),
-                        metrics=getattr(source, "metrics", None),
-                        fully_cached=fully_cached if fully_cached is not None else (lambda blob: False))
+    return SourceTraits(is_local=source.is_local, metrics=source.metrics, fully_cached=source.fully_cached)
 
 
 def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
     """Read one byte of every blob the image names, so that a missing blob or an unreachable registry stops the
-    mount with one line instead of turning every later read into EIO."""
+    mount with one line instead of turning every later read into EIO.  Each probe may take at most
+    :data:`PROBE_DEADLINE`, not a read's full deadline."""
+    from .storage.backend.base import deadline_cap
+
     if source is None:
         return
     fully_cached = source_traits(source).fully_cached
@@ -110,7 +109,8 @@ def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
         if fully_cached(blob):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
-            source.read_raw(blob, 0, 1)
+            with deadline_cap(PROBE_DEADLINE):
+                source.read_raw(blob, 0, 1)
         except RafsError as e:
             raise MountError(f"cannot read blob {blob.ref.name}: {e}") from None
 
@@ -230,7 +230,7 @@ class MountSession:
                              f"{len(self.image.devices)} device slot(s)")
 
     def _open_source(self) -> None:
-        from .storage.open import source_from_config
+        from .storage.factory import source_from_config
         from .tools import require_source
 
         cfg, image = self.spec.config, self.image
@@ -254,7 +254,7 @@ class MountSession:
     def _deferred_source(self, cfg: "RafsConfig", image: "RafsImage"):
         """A chunk cache built once the mount is up (then probed, then prefetching); reads that come first wait."""
         from .storage.deferred import DeferredCache
-        from .storage.open import source_from_config
+        from .storage.factory import source_from_config
 
         if cfg.cache.type == "none":
             raise MountError("a deferred chunk source needs a cache (cache type 'none' configured)")

@@ -392,8 +392,9 @@ def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
     checked = 0
     for ci in range(blob.chunk_count):
         if ready[ci] == 1:
-            info, dg = img.chunk_info(blob.index, ci, ChunkCache(LocalFsBackend(str(tmp_path / "blobs")),
-                                                                 CacheOptions(work_dir=str(tmp_path / "c2"))))
+            ref = ChunkCache(LocalFsBackend(str(tmp_path / "blobs")),
+                             CacheOptions(work_dir=str(tmp_path / "c2"))).meta(blob).chunk_ref(ci)
+            info, dg = ref.info, ref.digest
             assert digest(blob.digester, data[info.uncompressed_offset:info.uncompressed_offset
                                               + info.uncompressed_size]) == dg, f"chunk {ci}"
             checked += 1

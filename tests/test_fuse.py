@@ -189,7 +189,7 @@ def test_mount_with_missing_blob_is_one_line(built, tmp_path):
 def test_only_local_data_is_read_on_the_event_loop(tmp_path):
     """Small reads skip the thread pool only when no read can wait on the network."""
     from fuse_backend.mount import data_is_local
-    from rafsfs.storage.open import chunk_source_from_args
+    from rafsfs.storage.factory import chunk_source_from_args
 
     (tmp_path / "blobs").mkdir()
     cfgs = {
@@ -213,15 +213,15 @@ def test_only_local_data_is_read_on_the_event_loop(tmp_path):
 def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
     """Read-ahead windows that straddle chunk boundaries get the second copy of a chunk from memory; the memory
     stays within its byte bound and the bytes are the file's."""
-    from rafsfs.storage.recent import RecentChunks
-    from rafsfs.storage.open import chunk_source_from_args
+    from rafsfs.storage.cache.none import DirectChunkSource
+    from rafsfs.storage.factory import chunk_source_from_args
 
     d, boots = built
     rel = "sizes/size-" + str(3 * (1 << 20) + 12345)
     want = (tricky_src / rel).read_bytes()
     with RafsImage.open(str(boots["zstd"])) as image:
         inner = chunk_source_from_args(str(d / "blobs"), None)
-        memo = RecentChunks(inner, max_bytes=2 << 20)  # two 1 MiB chunks
+        memo = DirectChunkSource(inner.backend, recent_bytes=2 << 20)  # remembers two 1 MiB chunks
         ino = image.resolve(rel)
         got, off = [], 0
         for size in (256 << 10, 512 << 10, 1 << 20, 1 << 20, 1 << 20, 1 << 20):  # a cat's read-ahead windows
@@ -229,8 +229,8 @@ def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
             off += size
         inner.close()
     assert b"".join(got) == want
-    assert memo.misses == 4 and memo.hits == 4  # each of the 4 chunks fetched once, then reused
-    assert memo._bytes <= 2 << 20
+    assert memo.recent.misses == 4 and memo.recent.hits == 4  # each of the 4 chunks fetched once, then reused
+    assert memo.recent._bytes <= 2 << 20
 
 
 def test_daemon_mode_and_umount(built, tmp_path):

@@ -12,7 +12,7 @@ from test_fuse import FuseMount
 
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.none import DirectChunkSource
 
 pytestmark = needs_fuse
 

@@ -16,7 +16,8 @@ from ..tools import clear_progress, require_source
 
 if TYPE_CHECKING:
     from ..config import RafsConfig
-    from ..image import ChunkSource, RafsImage
+    from ..image import RafsImage
+    from ..storage.source import ChunkSource
 
 _SIZE = re.compile(r"(\d+)\s*([KMG]?)(?:i?B)?", re.IGNORECASE)
 
@@ -107,7 +108,7 @@ def error(text: str) -> None:
 def open_source(args: argparse.Namespace, image: "RafsImage",
                 cfg: "RafsConfig | None" = None) -> Iterator["ChunkSource | None"]:
     """The chunk source named by --blob-dir / --device / --config (or by ``cfg``), checked against the image."""
-    from ..storage.open import config_from_args, source_from_config
+    from ..storage.factory import config_from_args, source_from_config
 
     if cfg is None:
         cfg = config_from_args(args.blob_dir, args.device, args.config)

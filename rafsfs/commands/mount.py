@@ -165,7 +165,7 @@ def runner_for(mode: str):
 
 # ------------------------------------------------------------------------------------------------ the command
 def run(args: argparse.Namespace) -> int:
-    from ..storage.open import config_from_args
+    from ..storage.factory import config_from_args
 
     cfg = None if is_reference(args.source) else config_from_args(args.blob_dir, args.device, args.config)
     mode = select_mode(args.mode, _request(args, cfg))

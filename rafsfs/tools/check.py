@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 from ..errors import BadImage, RafsError
 from ..format.inode import LAYOUT_CHUNK_BASED
-from ..image import HOLE, BlobInfo, ChunkRef, ChunkSource, Inode, RafsImage
+from ..blob import HOLE, BlobInfo, ChunkRef
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 from . import Progress, check_name, file_pieces
 
 BATCH_BYTES = 64 << 20  # uncompressed bytes per read_chunks call (bounds memory; adjacent chunks still merge)
@@ -118,13 +120,13 @@ class _Checker:
         """Read chunks of one blob in bounded batches; on a failure, retry them one by one to name the bad one."""
         for batch in _batches(refs):
             try:
-                source.read_chunks(self.image, blob, batch)
+                source.read_chunks(blob, batch)
                 for c in batch:
                     self._mark(c, None)
             except RafsError:
                 for c in batch:
                     try:
-                        source.read_chunks(self.image, blob, [c])
+                        source.read_chunks(blob, [c])
                         self._mark(c, None)
                     except RafsError as e:
                         self._mark(c, str(e))

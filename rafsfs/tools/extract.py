@@ -12,7 +12,8 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import BadImage, RafsError
-from ..image import ChunkSource, Inode, RafsImage
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 from . import Progress, check_name, file_pieces
 
 log = logging.getLogger(__name__)

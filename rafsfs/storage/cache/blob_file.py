@@ -13,8 +13,7 @@ import fcntl
 import os
 
 from ...errors import BlobUnavailable
-from ...image import BlobInfo
-from ..backend.base import check_blob_id
+from ...blob import BlobInfo, check_blob_id
 
 DATA_SUFFIX = ".blob.data"
 MAP_SUFFIX = ".chunk_map"

@@ -23,18 +23,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import BlobUnavailable, RafsError
-from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
+from ...blob import BlobInfo, ChunkRef, ChunkSlice
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
+from ..meta import BlobMeta, MetaCache
 from . import store
 from .blob_file import BlobCacheFile, entry_name
-from .metrics import CacheMetrics
+from ..metrics import CacheMetrics
+from ..source import ChunkSource
 
 log = logging.getLogger(__name__)
 
 _EVICT_CHECK_BYTES = 64 << 20  # with a size cap, look at the directory's usage after this many new bytes
 FAILURE_MEMORY = 1.0  # seconds an on-demand fetch failure is answered from memory
-RIDER_MEMORY = 32 << 20  # bytes of neighbour chunks kept as they came, until read (oldest dropped first)
+NEIGHBOUR_MEMORY = 32 << 20  # bytes of neighbour chunks kept as they came, until read (oldest dropped first)
 
 
 @dataclass
@@ -51,7 +53,9 @@ class CacheOptions:
 
 
 @dataclass
-class _Sequence:
+class _Stream:
+    """A reader going through a blob in order, followed by readahead."""
+
     last: int  # the last chunk index an on-demand read reached
     until: int  # readahead has been queued up to (not including) this chunk index
     window: int  # chunks
@@ -61,8 +65,8 @@ class _Sequence:
 STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
-class ChunkCache:
-    """A :class:`rafsfs.image.ChunkSource` backed by a persistent on-disk cache."""
+class ChunkCache(ChunkSource):
+    """A chunk source backed by a persistent on-disk cache; blob metadata is kept beside the entries."""
 
     def __init__(self, backend: BlobBackend, options: CacheOptions, metrics: CacheMetrics | None = None):
         self.backend = backend
@@ -82,17 +86,29 @@ class ChunkCache:
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
-        self._seq: dict[str, list[_Sequence]] = {}  # per blob, oldest first: where in-order readers are
+        self._streams: dict[str, list[_Stream]] = {}  # per blob, oldest first: where in-order readers are
         self._ahead_pool: ThreadPoolExecutor | None = None
-        self._riders: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
-        self._rider_bytes = 0
+        self._kept_neighbours: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
+        self._kept_neighbour_bytes = 0
         self._closed = False
+        self._metas = MetaCache(self.read_raw, options.work_dir)
 
     # ------------------------------------------------------------------ ChunkSource
+    @property
+    def is_local(self) -> bool:
+        return self.backend.is_local
+
+    def meta(self, blob: BlobInfo) -> BlobMeta:
+        return self._metas.get(blob)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        return True
+
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self.fetcher.read_range(blob, offset, size)
 
-    def read_chunks(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
+    def read_chunks(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         if not blob.nydus:
             # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
             out: dict[int, bytes] = {}
@@ -102,8 +118,8 @@ class ChunkCache:
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+            self._read_ahead(blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
+        self.ensure(blob, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out_list = []
         for c in chunks:
             data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
@@ -113,18 +129,18 @@ class ChunkCache:
             out_list.append(data)
         return out_list
 
-    def read_slices(self, image: RafsImage, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
+    def read_slices(self, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
         """Only the bytes each slice asks for (a 4 KiB read copies 4 KiB out of the cache file, not its chunk)."""
         chunks = list({(s.chunk.ci_index, s.chunk.info.uncompressed_offset): s.chunk for s in slices}.values())
         if not blob.nydus:
-            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(image, blob, chunks))}
+            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(blob, chunks))}
             by_key = {(c.ci_index, c.info.uncompressed_offset): whole[id(c)] for c in chunks}
             return [by_key[(s.chunk.ci_index, s.chunk.info.uncompressed_offset)][s.offset:s.offset + s.length]
                     for s in slices]
         bc = self._blob(blob)
         if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+            self._read_ahead(blob, bc, chunks)
+        self.ensure(blob, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out = []
         for s in slices:
             data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
@@ -172,9 +188,9 @@ class ChunkCache:
                 self._idle.wait(wait)
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
-               merge_limit: int | None = None, along: list[ChunkRef] = ()) -> list[ChunkRef]:
+               merge_limit: int | None = None, neighbours: list[ChunkRef] = ()) -> list[ChunkRef]:
         """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
-        thread right now are waited for instead of fetched again.  ``along``: see :meth:`_neighbours`."""
+        thread right now are waited for instead of fetched again.  ``neighbours``: see :meth:`_neighbours`."""
         bc = self._blob(blob)
         mine: list[ChunkRef] = []
         waits: list[Future] = []
@@ -215,7 +231,7 @@ class ChunkCache:
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, background=background, along=along) or error
+                error = self._fetch(blob, bc, mine, merge_limit, background=background, neighbours=neighbours) or error
             for f in waits:
                 exc = f.exception()
                 if exc is not None and error is None:
@@ -232,7 +248,7 @@ class ChunkCache:
         return chunks
 
     def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
-               background: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
+               background: bool = False, neighbours: list[ChunkRef] = ()) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
         Chunks whose stored bytes came along with an earlier request are decoded from memory.  On-demand failures
         are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not."""
@@ -242,9 +258,9 @@ class ChunkCache:
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
-                if self._riders:
+                if self._kept_neighbours:
                     with self._lock:  # kept bytes of it that came along earlier are not needed any more
-                        self._take_rider(bc.name, c.ci_index)
+                        self._take_neighbour(bc.name, c.ci_index)
                 try:
                     bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
                 except OSError as e:
@@ -265,18 +281,19 @@ class ChunkCache:
 
         try:
             error = None
-            if self._riders:
+            if self._kept_neighbours:
                 with self._lock:
-                    kept = [(c, self._take_rider(bc.name, c.ci_index)) for c in chunks]
+                    kept = [(c, self._take_neighbour(bc.name, c.ci_index)) for c in chunks]
                 chunks = [c for c, raw in kept if raw is None]
                 for c, raw in kept:
                     if raw is not None:
                         error = self.fetcher.decode(blob, c, raw, store_chunk) or error
             if chunks:
                 mine = {c.ci_index for c in claimed}
-                along = [c for c in along if c.ci_index not in mine]
-                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, along=along, background=background,
-                                           along_sink=lambda c, raw: self._keep_rider(bc, c, raw)) or error
+                neighbours = [c for c in neighbours if c.ci_index not in mine]
+                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, neighbours=neighbours,
+                                           neighbour_sink=lambda c, raw: self._keep_neighbour(bc, c, raw),
+                                           background=background) or error
         finally:
             # whatever happened, no chunk this call claimed may stay in flight: its readers would wait forever
             for c in claimed:
@@ -292,12 +309,11 @@ class ChunkCache:
                 self._evict()
         return error or (failed[0] if failed else None)
 
-    def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
-                    chunks: list[ChunkRef]) -> list[ChunkRef]:
+    def _neighbours(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> list[ChunkRef]:
         """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
         while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the
         same time, and files read together (a program's libraries and modules, one directory's files) are stored
-        together.  The neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if
+        together.  The neighbours' bytes are kept in memory as they came (:data:`NEIGHBOUR_MEMORY`) and decoded only if
         read: no CPU is spent on chunks nobody asks for."""
         limit = self.opts.amplify_io
         missing = [c for c in chunks if not bc.is_ready(c.ci_index)]
@@ -307,12 +323,13 @@ class ChunkCache:
         last = max(missing, key=lambda c: c.info.compressed_offset)
         end = last.info.compressed_offset + last.info.compressed_size
         out: list[ChunkRef] = []
+        meta = self.meta(blob)
         ci = last.ci_index + 1
         while ci < blob.chunk_count and end < start + limit and not bc.is_ready(ci):
-            if (bc.name, ci) in self._riders:
+            if (bc.name, ci) in self._kept_neighbours:
                 break  # came along with an earlier request: what follows did too
             try:
-                ref = image.chunk_ref(blob.index, ci, self)
+                ref = meta.chunk_ref(ci)
             except RafsError:  # a neighbour is only a bonus: its trouble is for its own reader to meet
                 break
             info = ref.info
@@ -324,25 +341,25 @@ class ChunkCache:
             ci += 1
         return out
 
-    def _keep_rider(self, bc: BlobCacheFile, c: ChunkRef, raw: bytes) -> None:
+    def _keep_neighbour(self, bc: BlobCacheFile, c: ChunkRef, raw: bytes) -> None:
         with self._lock:
             key = (bc.name, c.ci_index)
-            if key in self._riders or len(raw) > RIDER_MEMORY or bc.is_ready(c.ci_index):
+            if key in self._kept_neighbours or len(raw) > NEIGHBOUR_MEMORY or bc.is_ready(c.ci_index):
                 return
-            self._riders[key] = raw
-            self._rider_bytes += len(raw)
-            while self._rider_bytes > RIDER_MEMORY:
-                _, old = self._riders.popitem(last=False)
-                self._rider_bytes -= len(old)
+            self._kept_neighbours[key] = raw
+            self._kept_neighbour_bytes += len(raw)
+            while self._kept_neighbour_bytes > NEIGHBOUR_MEMORY:
+                _, old = self._kept_neighbours.popitem(last=False)
+                self._kept_neighbour_bytes -= len(old)
 
-    def _take_rider(self, name: str, ci: int) -> bytes | None:
+    def _take_neighbour(self, name: str, ci: int) -> bytes | None:
         """The kept bytes of a chunk, removed from memory (the caller holds the lock)."""
-        raw = self._riders.pop((name, ci), None)
+        raw = self._kept_neighbours.pop((name, ci), None)
         if raw is not None:
-            self._rider_bytes -= len(raw)
+            self._kept_neighbour_bytes -= len(raw)
         return raw
 
-    def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
+    def _read_ahead(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
         """While a blob is read in order, keep a window of the following chunks being fetched in the background,
         in large merged requests fetched in parallel, so delivery never waits for one request at a time.  The
         window starts at ``readahead`` bytes and doubles while the reads stay in order (like the kernel's own
@@ -354,10 +371,10 @@ class ChunkCache:
         cs = max(blob.chunk_size, 1)
         first = max(1, self.opts.readahead // cs)
         with self._lock:
-            streams = self._seq.setdefault(bc.name, [])
+            streams = self._streams.setdefault(bc.name, [])
             st = next((s for s in reversed(streams) if s.last <= lo <= s.last + 2), None)
             if st is None:
-                streams.append(_Sequence(hi, hi + 1, first))
+                streams.append(_Stream(hi, hi + 1, first))
                 if len(streams) > STREAMS:
                     del streams[0]
                 return
@@ -384,7 +401,8 @@ class ChunkCache:
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
-        refs = [image.chunk_ref(blob.index, ci, self) for ci in range(start, end) if not bc.is_ready(ci)]
+        meta = self.meta(blob)
+        refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
             pool.submit(self._background_ensure, blob, refs)
 
@@ -426,5 +444,5 @@ class ChunkCache:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
-            self._riders.clear()
-            self._rider_bytes = 0
+            self._kept_neighbours.clear()
+            self._kept_neighbour_bytes = 0
