@@ -47,7 +47,7 @@ def probe_blobs(image: RafsImage, source: ChunkSource | None) -> None:
         if not (blob.compressed_size or blob.uncompressed_size):
             continue  # an empty blob: nothing to read
         fully_cached = getattr(source, "fully_cached", None)
-        if fully_cached is not None and fully_cached(blob):
+        if fully_cached is not None and fully_cached(blob, image):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
             source.read_raw(blob, 0, 1)

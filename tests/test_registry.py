@@ -23,6 +23,7 @@ from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_
 from rafsfs.builder import BuildOptions, build
 from rafsfs.config import from_dict
 from rafsfs.image import RafsImage
+from rafsfs.storage.cache.blob_file import MAP_SUFFIX, entries_of, ready_map
 from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
 from rafsfs.storage.open import source_from_config
 
@@ -338,7 +339,9 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             for i in (0, 1, 2, 4, 5, 6, 7):  # the other files are fine
                 assert (m.mnt / f"small/f{i}").read_bytes() == files[f"/small/f{i}"]
             # the bad chunk is not marked ready in the cache's map
-            chunk_map = (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()
+            (entry,) = entries_of(str(tmp_path / "cache"), digest.split(":")[-1])
+            map_path = str(tmp_path / "cache" / (entry + MAP_SUFFIX))
+            chunk_map = ready_map(map_path)
             assert chunk_map[chunk.ci_index] == 0
             assert all(chunk_map[ci] == 1 for ci in others.values())
             # the registry is repaired: the chunk is fetched again and served right, on the same mount
@@ -348,7 +351,7 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             assert before >= 1
             assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]
             assert len(px.blob_gets(digest, overlapping=span)) == before + 1
-            assert (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()[chunk.ci_index] == 1
+            assert ready_map(map_path)[chunk.ci_index] == 1
         finally:
             m.stop()
 

@@ -98,8 +98,8 @@ class DeferredCache:
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self.get().read_raw(blob, offset, size)
 
-    def fully_cached(self, blob: BlobInfo) -> bool:
-        return self.get().fully_cached(blob)
+    def fully_cached(self, blob: BlobInfo, image: RafsImage | None = None) -> bool:
+        return self.get().fully_cached(blob, image)
 
     def close(self, wait: float = CLOSE_WAIT) -> bool:
         """Close the cache if it was built.  A build still under way (a probe of a registry that does not answer)

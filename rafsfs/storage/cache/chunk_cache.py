@@ -6,7 +6,9 @@ a worker pool, decompressed, verified against their digest), written into the ca
 ready.  Concurrent readers of one chunk wait for a single fetch (single-flight).  Nothing that fails verification
 is ever written.
 
-Files and crash safety: see :mod:`.blob_file`.  With ``max_size`` set, whole blobs not in use by any process are
+Files, entry names (one entry per blob id and chunk table), locks and crash safety: see :mod:`.blob_file`.  A
+cache write that fails (a full or failing disk) still hands the fetched, verified bytes to their readers; the cache
+then stops storing (one warning) and reads what it lacks straight from the backend.  With ``max_size`` set, whole blobs not in use by any process are
 evicted, least recently used first, when the directory grows past it (:mod:`.store`).
 
 The cache is synchronous and thread-safe; the daemons call it from worker threads.  Background prefetch calls
@@ -18,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
 from . import store
-from .blob_file import BlobCacheFile, entry_name
+from .blob_file import BlobCacheFile, EntryBusy, entry_name, table_key
 from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ class CacheOptions:
     work_dir: str
     verify: bool = True  # digest validation of fetched chunks
     amplify_io: int = DEFAULT_AMPLIFY_IO  # largest merged backend request, bytes
-    sync: bool = False  # fsync data before marking chunks ready
+    sync: bool = True  # unused: the data file is always fdatasync'ed before chunks are marked ready on disk
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
     readahead: int = 4 << 20  # first readahead window when a blob is read in order, bytes; 0 = off
@@ -61,6 +64,35 @@ class _Sequence:
 STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
+class _Uncached:
+    """Stands in for an entry that cannot be used (in use by others with other content, or the disk refused it):
+    nothing is ready, nothing is stored, every chunk is read from the backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ready = bytearray()
+
+    def is_ready(self, ci: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def backend_identity(backend: BlobBackend) -> str:
+    """Where a backend's bytes come from, for entries whose bytes cannot be verified (see ``blob_file.table_key``).
+    A backend may say it itself (an ``identity`` attribute); else the local directory or registry repository."""
+    ident = getattr(backend, "identity", None)
+    if isinstance(ident, str):
+        return ident
+    cfg = getattr(backend, "cfg", None)
+    if cfg is not None and hasattr(cfg, "host"):
+        return f"registry:{getattr(cfg, 'scheme', '')}://{cfg.host}/{getattr(cfg, 'repo', '')}"
+    blob_dir = getattr(backend, "blob_dir", None)
+    devices = getattr(backend, "devices", None) or []
+    return "localfs:" + ":".join(os.path.realpath(p) for p in ([blob_dir] if blob_dir else []) + list(devices))
+
+
 class ChunkCache:
     """A :class:`rafsfs.image.ChunkSource` backed by a persistent on-disk cache."""
 
@@ -74,7 +106,14 @@ class ChunkCache:
             os.makedirs(options.work_dir, exist_ok=True)
         except OSError as e:
             raise BlobUnavailable(f"cannot create cache directory {options.work_dir}: {e.strerror}") from None
-        self._blobs: dict[str, BlobCacheFile] = {}
+        self._blobs: dict[str, BlobCacheFile | _Uncached] = {}  # by entry name
+        # the entry each image uses for each of its blobs (an image's table decides its entry), and the entry last
+        # used for an equal BlobInfo (for callers that do not name the image)
+        self._by_image: weakref.WeakKeyDictionary[RafsImage, dict[int, BlobCacheFile | _Uncached]] = \
+            weakref.WeakKeyDictionary()
+        self._last: dict[BlobInfo, BlobCacheFile | _Uncached] = {}
+        self._identity = backend_identity(backend)
+        self.degraded: str | None = None  # why the cache stopped storing (a write failed), or None
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
         self._demand = 0  # on-demand ensure() calls running now
@@ -100,13 +139,15 @@ class ChunkCache:
             if err is not None:
                 raise err
             return [out[id(c)] for c in chunks]
-        bc = self._blob(blob)
-        if self.opts.readahead and chunks:
+        bc = self._blob(blob, image)
+        if self.opts.readahead and chunks and self._storing(bc):
             self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+        held = self._ensure(blob, bc, chunks, along=self._neighbours(image, blob, bc, chunks))
         out_list = []
         for c in chunks:
-            data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
+            data = held.get(c.ci_index)
+            if data is None:
+                data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
             if len(data) != c.info.uncompressed_size:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
@@ -121,13 +162,17 @@ class ChunkCache:
             by_key = {(c.ci_index, c.info.uncompressed_offset): whole[id(c)] for c in chunks}
             return [by_key[(s.chunk.ci_index, s.chunk.info.uncompressed_offset)][s.offset:s.offset + s.length]
                     for s in slices]
-        bc = self._blob(blob)
-        if self.opts.readahead and chunks:
+        bc = self._blob(blob, image)
+        if self.opts.readahead and chunks and self._storing(bc):
             self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+        held = self._ensure(blob, bc, chunks, along=self._neighbours(image, blob, bc, chunks))
         out = []
         for s in slices:
-            data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
+            whole = held.get(s.chunk.ci_index)
+            if whole is not None:
+                data = whole[s.offset:s.offset + s.length]
+            else:
+                data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
             if len(data) != s.length:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
@@ -135,25 +180,66 @@ class ChunkCache:
         return out
 
     # ------------------------------------------------------------------ the mechanism
-    def _blob(self, blob: BlobInfo) -> BlobCacheFile:
-        key = entry_name(blob)
+    def _blob(self, blob: BlobInfo, image: RafsImage | None = None) -> BlobCacheFile | _Uncached:
+        """The entry ``image`` uses for ``blob`` (opened, or created, on first use).  Without ``image``: the entry
+        last used for an equal blob; a RafsError if there is none."""
         with self._lock:
-            bc = self._blobs.get(key)
+            per = self._by_image.get(image) if image is not None else None
+            bc = per.get(blob.index) if per is not None else None
+            if bc is None and image is None:
+                bc = self._last.get(blob)
+                if bc is None:
+                    raise BlobUnavailable(f"blob {blob.ref.name}: no image given to find its cache entry")
+        if bc is not None:
+            return bc
+        # the table key reads every chunk's information (blob.meta through this cache if the bootstrap lacks it)
+        key, verified = table_key(image, blob, self, self.opts.verify, self._identity)
+        name = entry_name(blob, key)
+        new = False
+        with self._lock:
+            bc = self._blobs.get(name)
             if bc is None:
-                bc = self._blobs[key] = BlobCacheFile(self.opts.work_dir, blob)
-                new = True
-            else:
-                new = False
+                try:
+                    bc = BlobCacheFile(self.opts.work_dir, blob, key, verified)
+                    new = True
+                except EntryBusy as e:
+                    log.info("%s: reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                except BlobUnavailable as e:  # e.g. a full disk, or a size the file system refuses
+                    log.warning("%s; reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                self._blobs[name] = bc
+            self._by_image.setdefault(image, {})[blob.index] = bc
+            self._last[blob] = bc
         if new and self.opts.max_size:
             self._evict()
         return bc
 
-    def fully_cached(self, blob: BlobInfo) -> bool:
-        """Every chunk of ``blob`` is in the cache: reading it needs no backend."""
-        return blob.nydus and blob.chunk_count > 0 and all(self._blob(blob).ready)
+    def entry(self, image: RafsImage, blob: BlobInfo) -> BlobCacheFile:
+        """The open cache entry ``image`` reads ``blob`` through (its ``data_fd`` stays open for the cache's own
+        writes until :meth:`close`).  BlobUnavailable if the blob cannot be cached here."""
+        bc = self._blob(blob, image)
+        if not isinstance(bc, BlobCacheFile):
+            raise BlobUnavailable(f"blob {blob.ref.name} is not cached in {self.opts.work_dir}")
+        return bc
 
-    def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
-        return self._blob(blob).is_ready(chunk.ci_index)
+    def data_path(self, image: RafsImage, blob: BlobInfo) -> str:
+        """The data file holding ``blob`` in its uncompressed layout for ``image`` (what a kernel reads as a
+        blob device).  Opens the entry, so the path exists and this cache holds it until :meth:`close`."""
+        return self.entry(image, blob).data_path
+
+    def fully_cached(self, blob: BlobInfo, image: RafsImage | None = None) -> bool:
+        """Every chunk of ``blob`` is in the cache: reading it needs no backend.  Without ``image``, False unless
+        an image has already used ``blob`` through this cache."""
+        if not (blob.nydus and blob.chunk_count > 0):
+            return False
+        try:
+            return all(self._blob(blob, image).ready or b"\0")
+        except RafsError:
+            return False
+
+    def is_ready(self, blob: BlobInfo, chunk: ChunkRef, image: RafsImage | None = None) -> bool:
+        return self._blob(blob, image).is_ready(chunk.ci_index)
 
     def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
         """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
@@ -172,12 +258,26 @@ class ChunkCache:
                 self._idle.wait(wait)
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
-               merge_limit: int | None = None, along: list[ChunkRef] = ()) -> list[ChunkRef]:
-        """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
-        thread right now are waited for instead of fetched again.  ``along``: see :meth:`_neighbours`."""
-        bc = self._blob(blob)
+               merge_limit: int | None = None, along: list[ChunkRef] = (),
+               image: RafsImage | None = None) -> list[ChunkRef]:
+        """Make every chunk present and verified in ``image``'s cache entry for ``blob``; returns ``chunks``.
+        Chunks fetched by another thread right now are waited for instead of fetched again.  ``along``: see
+        :meth:`_neighbours`.  (A degraded cache fetches nothing in the background, and stores nothing.)"""
+        self._ensure(blob, self._blob(blob, image), chunks, background, merge_limit, along)
+        return chunks
+
+    def _storing(self, bc: BlobCacheFile | _Uncached) -> bool:
+        return self.degraded is None and isinstance(bc, BlobCacheFile)
+
+    def _ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef], background: bool = False,
+                merge_limit: int | None = None, along: list[ChunkRef] = ()) -> dict[int, bytes]:
+        """:meth:`ensure`; returns the verified bytes of the chunks that could not be stored, by chunk-info index
+        (the reader takes them from here instead of the cache file)."""
+        if background and not self._storing(bc):
+            return {}
+        held: dict[int, bytes] = {}
         mine: list[ChunkRef] = []
-        waits: list[Future] = []
+        waits: list[tuple[int, Future]] = []
         early_error: BaseException | None = None
         claimed: set[int] = set()
         with self._lock:
@@ -189,7 +289,7 @@ class ChunkCache:
                 key = (bc.name, c.ci_index)
                 fut = self._inflight.get(key)
                 if fut is not None:
-                    waits.append(fut)
+                    waits.append((c.ci_index, fut))
                     if not background:
                         self.metrics.hit()
                     continue
@@ -215,11 +315,14 @@ class ChunkCache:
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, background=background, along=along) or error
-            for f in waits:
+                error = self._fetch(blob, bc, mine, merge_limit, background=background, along=along,
+                                    held=held) or error
+            for ci, f in waits:
                 exc = f.exception()
-                if exc is not None and error is None:
-                    error = exc
+                if exc is not None:
+                    error = error or exc
+                elif f.result() is not None:
+                    held[ci] = f.result()  # fetched by another thread, but not stored
         finally:
             if not background:
                 with self._idle:
@@ -229,27 +332,30 @@ class ChunkCache:
                         self._idle.notify_all()
         if error is not None:
             raise error
-        return chunks
+        return held
 
-    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
-               background: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef],
+               merge_limit: int | None = None, background: bool = False, along: list[ChunkRef] = (),
+               held: dict[int, bytes] | None = None) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
         Chunks whose stored bytes came along with an earlier request are decoded from memory.  On-demand failures
-        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not."""
+        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not.  The bytes of good chunks
+        that could not be stored go to ``held`` and to the chunks' waiters."""
         failed: list[RafsError] = []
         settled: set[int] = set()
+        stored: list[int] = []
         claimed = chunks
+        held = {} if held is None else held
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
                 if self._riders:
                     with self._lock:  # kept bytes of it that came along earlier are not needed any more
                         self._take_rider(bc.name, c.ci_index)
-                try:
-                    bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
-                except OSError as e:
-                    err = BlobUnavailable(f"cache write failed: {e.strerror}")
-                    self.metrics.error()
+                if self._store(bc, c, data):
+                    stored.append(c.ci_index)
+                else:
+                    held[c.ci_index] = data
             if err is not None:
                 failed.append(err)
                 if not background:
@@ -261,7 +367,7 @@ class ChunkCache:
                 with self._lock:
                     self._failed.pop((bc.name, c.ci_index), None)
             settled.add(c.ci_index)
-            self._settle(bc, c, err)
+            self._settle(bc, c, err, held.get(c.ci_index))
 
         try:
             error = None
@@ -282,6 +388,12 @@ class ChunkCache:
             for c in claimed:
                 if c.ci_index not in settled:
                     self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
+        if stored:
+            try:
+                bc.commit(stored)  # durable bytes first, then their map bytes
+            except OSError as e:
+                bc.forget(stored)
+                self._degrade(e)
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in claimed)
@@ -291,6 +403,29 @@ class ChunkCache:
             if due:
                 self._evict()
         return error or (failed[0] if failed else None)
+
+    def _store(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, data: bytes) -> bool:
+        """Write a verified chunk into the entry; False if it was not stored (the cache is degraded, or this write
+        failed and degraded it)."""
+        if not self._storing(bc):
+            return False
+        try:
+            bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data)
+            return True
+        except OSError as e:
+            self._degrade(e)
+            return False
+
+    def _degrade(self, e: OSError) -> None:
+        """A write to the cache failed (a full or failing disk): stop storing, once, with one log line.  Reads keep
+        being served: what is in the cache from it, the rest straight from the backend."""
+        self.metrics.error()
+        with self._lock:
+            if self.degraded is not None:
+                return
+            self.degraded = f"writing to the cache failed: {e.strerror or e}"
+        log.warning("cache %s: %s; reading what is not cached straight from the backend from now on",
+                    self.opts.work_dir, self.degraded)
 
     def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
                     chunks: list[ChunkRef]) -> list[ChunkRef]:
@@ -386,23 +521,24 @@ class ChunkCache:
             pool = self._ahead_pool
         refs = [image.chunk_ref(blob.index, ci, self) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
-            pool.submit(self._background_ensure, blob, refs)
+            pool.submit(self._background_ensure, blob, bc, refs)
 
-    def _background_ensure(self, blob: BlobInfo, refs: list[ChunkRef]) -> None:
+    def _background_ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, refs: list[ChunkRef]) -> None:
         try:
-            self.ensure(blob, refs, background=True, merge_limit=self.opts.readahead_request)
+            self._ensure(blob, bc, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
         except Exception:  # nobody reads this future: a bug here must still be seen
             log.exception("readahead of blob %s", blob.ref.name)
 
-    def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
+    def _settle(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, exc: BaseException | None,
+                data: bytes | None = None) -> None:
         with self._lock:
             fut = self._inflight.pop((bc.name, c.ci_index), None)
         if fut is None:
             return
         if exc is None:
-            fut.set_result(None)
+            fut.set_result(data)
         else:
             fut.set_exception(exc)
 
@@ -426,5 +562,7 @@ class ChunkCache:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
+            self._by_image.clear()
+            self._last.clear()
             self._riders.clear()
             self._rider_bytes = 0

@@ -146,7 +146,7 @@ class Prefetcher:
                 return
             blob = self.image.blobs[bidx]
             try:
-                self.cache.ensure(blob, batch, background=True)
+                self.cache.ensure(blob, batch, background=True, image=self.image)
                 with self._lock:
                     self.done_chunks += len(batch)
             except RafsError as e:
