@@ -228,9 +228,12 @@ class BlobCacheFile:
     def write_chunk(self, ci: int, offset: int, data: bytes) -> None:
         """Store a verified chunk's bytes.  It is ready for this process at once; its map byte is written by
         :meth:`commit`, after the bytes are durable."""
-        n = os.pwrite(self.data_fd, data, offset)
-        if n != len(data):
-            raise OSError(errno.ENOSPC, "short write to the cache file")
+        view = memoryview(data)
+        while view:  # a short write is retried: the next one says why (ENOSPC, EIO)
+            n = os.pwrite(self.data_fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "the cache file takes no more bytes")
+            view, offset = view[n:], offset + n
         self.ready[ci] = 1
 
     def commit(self, cis: list[int]) -> None:
