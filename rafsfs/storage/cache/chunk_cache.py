@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,6 +80,74 @@ class _Uncached:
         pass
 
 
+class _Committer:
+    """Makes stored chunks ready on disk, off the read path: one ``fdatasync`` of an entry's data file for every
+    chunk stored in it since the last one, then their map bytes (so no map byte is ever durable before its data).
+    A reader never waits for it: chunks are ready for this process as soon as their bytes are written.  Measured
+    on this project's VM disk (1000 cold random 4 KiB reads of a 64 MiB image with 64 KiB chunks, local backend):
+    an fdatasync per fetched group on the read path took 1.3-3.0 s instead of 0.15-0.45 s (624 syncs, ~3 ms
+    each); batched here, 0.16-0.28 s (132 syncs).  A cold sequential read: no difference (9 syncs for 64 MiB)."""
+
+    def __init__(self, on_error: Callable[[OSError], None]):
+        self._cv = threading.Condition()
+        self._pending: dict[BlobCacheFile, list[int]] = {}
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._on_error = on_error
+
+    def add(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        with self._cv:
+            if self._closed:  # the cache is closing: commit here
+                self._commit(bc, cis)
+                return
+            self._pending.setdefault(bc, []).extend(cis)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rafsfs-commit", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, {}
+                self._busy = True
+            try:
+                for bc, cis in batch.items():
+                    self._commit(bc, cis)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _commit(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        try:
+            bc.commit(cis)
+        except OSError as e:
+            bc.forget(cis)
+            self._on_error(e)
+        except Exception:  # a bug must not stop every later commit
+            log.exception("committing chunks of cache entry %s", bc.name)
+
+    def flush(self) -> None:
+        """Wait until every chunk added so far is committed."""
+        with self._cv:
+            while self._pending or self._busy:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
 def backend_identity(backend: BlobBackend) -> str:
     """Where a backend's bytes come from, for entries whose bytes cannot be verified (see ``blob_file.table_key``).
     A backend may say it itself (an ``identity`` attribute); else the local directory or registry repository."""
@@ -114,6 +183,7 @@ class ChunkCache:
         self._last: dict[BlobInfo, BlobCacheFile | _Uncached] = {}
         self._identity = backend_identity(backend)
         self.degraded: str | None = None  # why the cache stopped storing (a write failed), or None
+        self._committer = _Committer(self._degrade)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
         self._demand = 0  # on-demand ensure() calls running now
@@ -389,11 +459,7 @@ class ChunkCache:
                 if c.ci_index not in settled:
                     self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
         if stored:
-            try:
-                bc.commit(stored)  # durable bytes first, then their map bytes
-            except OSError as e:
-                bc.forget(stored)
-                self._degrade(e)
+            self._committer.add(bc, stored)  # durable bytes first, then their map bytes
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in claimed)
@@ -550,6 +616,10 @@ class ChunkCache:
             log.debug("cache %s is over its cap of %d bytes, but every blob in it is in use",
                       self.opts.work_dir, self.opts.max_size)
 
+    def sync(self) -> None:
+        """Wait until every chunk stored so far is marked ready on disk (other processes then see it)."""
+        self._committer.flush()
+
     def close(self) -> None:
         """Stop background work, then the fetcher's workers (they write into the cache files), then the files."""
         with self._lock:
@@ -558,6 +628,7 @@ class ChunkCache:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self.fetcher.close()
+        self._committer.close()  # every stored chunk made ready on disk before the files close
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
