@@ -42,26 +42,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def publish(tmp: str, path: str, mode: int = 0o666) -> None:
+def publish(tmp: str, path: str, mode: int = 0o666, durable: bool = True) -> None:
     """Give the written temporary file ``tmp`` its final mode, rename it to ``path``, and make the rename durable.
     The caller has fsync'ed ``tmp``'s data."""
     os.chmod(tmp, mode & ~umask())  # mkstemp makes it 0600
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @contextmanager
-def replacing(path: str, mode: str = "wb", *, file_mode: int = 0o666) -> Iterator[IO]:
+def replacing(path: str, mode: str = "wb", *, file_mode: int = 0o666, durable: bool = True) -> Iterator[IO]:
     """``with replacing(path) as f: f.write(...)``: ``path`` is replaced when the block ends without an error;
-    on an error the temporary file is removed and ``path`` is left as it was."""
+    on an error the temporary file is removed and ``path`` is left as it was.  ``durable=False`` skips the two
+    fsyncs, for files nobody needs after a power loss (statistics rewritten every half second)."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path, file_mode)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        publish(tmp, path, file_mode, durable)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -70,6 +73,6 @@ def replacing(path: str, mode: str = "wb", *, file_mode: int = 0o666) -> Iterato
         raise
 
 
-def write_text(path: str, text: str) -> None:
-    with replacing(path, "w") as f:
+def write_text(path: str, text: str, durable: bool = True) -> None:
+    with replacing(path, "w", durable=durable) as f:
         f.write(text)
