@@ -246,3 +246,86 @@ def test_replaced_files_get_the_umask_mode(tmp_path):
     assert oct(blob.stat().st_mode & 0o777) == "0o640"
     write_text(str(tmp_path / "t"), "again")  # the umask of the moment
     assert oct((tmp_path / "t").stat().st_mode & 0o777) == oct(0o666 & ~old)
+
+
+# ---------------------------------------------------------------------------- kill -9 of the daemon
+def _ready_count(work: Path, blob_id: str) -> int:
+    names = entries_of(str(work), blob_id)
+    if not names:
+        return 0
+    try:
+        return (ready_map(str(work / (names[0] + MAP_SUFFIX))) or b"").count(1)
+    except FileNotFoundError:
+        return 0
+
+
+@needs_fuse
+def test_kill_9_of_the_fuse_daemon_under_16_readers(tmp_path):
+    """The FUSE daemon is killed with SIGKILL while 16 readers fill its cache (at a different point each round):
+    no reader ever got wrong bytes, and a new mount over the same cache directory serves every file right."""
+    from test_fuse import FuseMount
+
+    boot, blobs, files = _image(tmp_path, 16, 1 << 20, 5)
+    blob = RafsImage.open(str(boot)).blobs[0]
+    work = tmp_path / "cache"
+    cfg = _config(tmp_path / "cfg.json", blobs, work)
+    rnd = random.Random(6)
+    kills = 0
+    for round_ in range(3):
+        m = FuseMount(boot, tmp_path / f"mnt{round_}", "--config", cfg)
+        wrong: list[str] = []
+        done = threading.Event()
+
+        def readers() -> None:
+            try:
+                wrong.extend(_read_until_dead(m.mnt, files, 16, seed=round_))
+            finally:
+                done.set()
+
+        t = threading.Thread(target=readers)
+        t.start()
+        target = int(blob.chunk_count * rnd.uniform(0.1, 0.8))
+        while not done.is_set() and _ready_count(work, blob.blob_id) < target:
+            time.sleep(0.005)
+        if not done.is_set():
+            m.proc.send_signal(signal.SIGKILL)
+            kills += 1
+        m.proc.wait()
+        t.join()
+        subprocess.run(["umount", "-l", str(m.mnt)], capture_output=True)
+        m.proc.communicate()
+        assert wrong == [], f"round {round_}: wrong bytes read from {wrong}"
+        (name,) = entries_of(str(work), blob.blob_id)
+        _assert_ready_chunks_right(boot, blobs, work / (name + DATA_SUFFIX),
+                                   ready_map(str(work / (name + MAP_SUFFIX))) or b"")
+    assert kills >= 1, "every round finished before the kill: make the image bigger"
+    m = FuseMount(boot, tmp_path / "mnt-final", "--config", cfg)
+    try:
+        assert _read_concurrently(m.mnt, files, readers=16, rounds=1) == []
+    finally:
+        m.stop()
+
+
+def _read_until_dead(mnt: Path, files: dict[str, bytes], readers: int, seed: int) -> list[str]:
+    """Like :func:`_read_concurrently`, but a reader stops at the first error (the daemon is gone): only bytes
+    that were returned are judged."""
+    wrong: list[str] = []
+
+    def run(i: int) -> None:
+        rnd = random.Random(seed * 100 + i)
+        try:
+            for _ in range(2):
+                for name in rnd.sample(sorted(files), len(files)):
+                    with open(mnt / name, "rb") as f:
+                        got = f.read()
+                    if got != files[name]:
+                        wrong.append(name)
+        except OSError:
+            return
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wrong
