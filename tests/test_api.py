@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -383,3 +384,45 @@ def test_nydusd_prefetch(image, tmp_path, how):
         p.wait(30)
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
+
+
+# ---------------------------------------------------------------------------------------------- review low items
+def test_distinct_mountpoints_never_share_a_socket_or_log():
+    """L7: '/mnt/a/b' and '/mnt/a_b' used to map to one socket (the second daemon then failed) and one log."""
+    paths = ["/mnt/a/b", "/mnt/a_b", "/mnt/a%5Fb", "/mnt/a-b", "/", "/root", "/mnt/a b", "/mnt/" + "d" * 200,
+             "/mnt/" + "e" * 200]
+    socks = [default_apisock(p) for p in paths]
+    assert len(set(socks)) == len(paths), socks
+
+    from rafsfs.daemonize import default_log_file  # what rafsfs mount logs to
+
+    logs = [default_log_file(p) for p in paths]
+    assert len(set(logs)) == len(paths), logs
+    for s in socks + logs:
+        assert os.path.dirname(s) == "/run/rafsfs" and "/" not in os.path.basename(s) and len(s) < 108
+
+
+def test_api_socket_is_never_open_to_others(tmp_path):
+    """L11: the socket used to be chmod'ed after bind(), so a daemon started with umask 0 had a moment in which
+    anyone could connect; now it is created 0600."""
+    from rafsfs.api import server as srv
+
+    modes = []
+    bind = srv._UnixHTTPServer.server_bind
+
+    def watched_bind(self):
+        bind(self)
+        modes.append(stat.S_IMODE(os.stat(self.server_address).st_mode))  # the moment right after bind
+
+    old = os.umask(0)
+    try:
+        srv._UnixHTTPServer.server_bind = watched_bind
+        server = ApiServer(str(tmp_path / "s.sock"), "id").start()
+    finally:
+        srv._UnixHTTPServer.server_bind = bind
+        os.umask(old)
+    try:
+        assert modes == [0o600] and stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+        assert os.umask(old) == old  # the process umask is as it was
+    finally:
+        server.close()

@@ -159,11 +159,15 @@ class ApiServer:
         """Bind the socket (replacing a stale one left by a dead daemon) and serve in a daemon thread."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o755, exist_ok=True)
         _remove_stale_socket(self.path)
+        # the socket is born 0600 (bind creates it with 0777 & ~umask): no moment in which others may connect.
+        # The umask is process-wide; the API starts before the daemon runs threads that create files.
+        old_umask = os.umask(0o177)
         try:
             server = _UnixHTTPServer(self.path, _Handler)
         except OSError as e:
             raise ApiError(f"cannot listen on API socket {self.path}: {e.strerror or e}") from None
-        os.chmod(self.path, 0o600)
+        finally:
+            os.umask(old_umask)
         server.api = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
