@@ -81,7 +81,8 @@ class SourceTraits:
 
     is_local: bool  # every read is served from local files: a small read never waits on the network
     metrics: "CacheMetrics | None"
-    fully_cached: Callable[["BlobInfo"], bool]  # every chunk of the blob is in the cache
+    # every chunk of the blob is in the cache entry the image reads it through (entries follow the chunk table)
+    fully_cached: Callable[["BlobInfo", "RafsImage"], bool]
 
 
 def source_traits(source: "ChunkSource | None") -> SourceTraits:
@@ -89,13 +90,13 @@ def source_traits(source: "ChunkSource | None") -> SourceTraits:
     rafsfs/storage/source.py with ``is_local``, ``metrics`` and ``fully_cached()``, they are read by attribute
     here; then this becomes three attribute reads.)"""
     if source is None:
-        return SourceTraits(is_local=True, metrics=None, fully_cached=lambda blob: False)
+        return SourceTraits(is_local=True, metrics=None, fully_cached=lambda blob, image: False)
     from .storage.backend.localfs import LocalFsBackend
 
     fully_cached = getattr(source, "fully_cached", None)
     return SourceTraits(is_local=isinstance(getattr(source, "backend", None), LocalFsBackend),
                         metrics=getattr(source, "metrics", None),
-                        fully_cached=fully_cached if fully_cached is not None else (lambda blob: False))
+                        fully_cached=fully_cached if fully_cached is not None else (lambda blob, image: False))
 
 
 def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
@@ -107,7 +108,7 @@ def probe_blobs(image: "RafsImage", source: "ChunkSource | None") -> None:
     for blob in image.blobs:
         if not (blob.compressed_size or blob.uncompressed_size):
             continue  # an empty blob: nothing to read
-        if fully_cached(blob):
+        if fully_cached(blob, image):
             continue  # every chunk is in the cache: this mount never needs the backend for it
         try:
             source.read_raw(blob, 0, 1)
