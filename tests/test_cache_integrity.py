@@ -263,3 +263,24 @@ def test_check_verifies_cached_bytes(tmp_path):
     bad = [ln for ln in p.stderr.splitlines() if ln.startswith("rafsfs: bad:")]
     assert len(bad) == 1 and bad[0].startswith("rafsfs: bad: /x: chunk ") and \
         bad[0].endswith("does not match its digest"), p.stderr
+
+
+def test_a_fully_cached_blob_needs_no_backend(tmp_path):
+    """Once every chunk is in the image's entry, a new process (the mount-time probe) sees it fully cached and
+    reads it with the backend gone."""
+    files = {"x": random.Random(6).randbytes(3 * CS + 5)}
+    boot, blobs = _build(tmp_path, "img", files)
+    work = str(tmp_path / "cache")
+    c = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=work))
+    img = RafsImage.open(str(boot))
+    assert not c.fully_cached(img.blobs[0], img)
+    assert _read_all(boot, c) == files
+    c.close()
+    (tmp_path / "empty").mkdir()
+    c = ChunkCache(CountingBackend(str(tmp_path / "empty")), CacheOptions(work_dir=work))
+    try:
+        img = RafsImage.open(str(boot))
+        assert c.fully_cached(img.blobs[0], img)
+        assert _read_all(boot, c) == files and not c.backend.requests
+    finally:
+        c.close()

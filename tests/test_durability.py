@@ -21,8 +21,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from conftest import is_mounted, needs_fuse, run_rafsfs_proc
 from rafsfs.image import RafsImage
 from rafsfs.storage.cache.blob_file import DATA_SUFFIX, MAP_SUFFIX, entries_of, ready_map

@@ -341,9 +341,15 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             # the bad chunk is not marked ready in the cache's map
             (entry,) = entries_of(str(tmp_path / "cache"), digest.split(":")[-1])
             map_path = str(tmp_path / "cache" / (entry + MAP_SUFFIX))
-            chunk_map = ready_map(map_path)
-            assert chunk_map[chunk.ci_index] == 0
-            assert all(chunk_map[ci] == 1 for ci in others.values())
+
+            def on_disk(ci: int) -> bool:  # map bytes are written just after the data is durable (a moment later)
+                deadline = time.monotonic() + 10
+                while ready_map(map_path)[ci] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return ready_map(map_path)[ci] == 1
+
+            assert all(on_disk(ci) for ci in others.values())
+            assert ready_map(map_path)[chunk.ci_index] == 0
             # the registry is repaired: the chunk is fetched again and served right, on the same mount
             stored.write_bytes(good)
             time.sleep(FAILURE_MEMORY)  # the failure is answered from memory until then
@@ -351,7 +357,7 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             assert before >= 1
             assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]
             assert len(px.blob_gets(digest, overlapping=span)) == before + 1
-            assert ready_map(map_path)[chunk.ci_index] == 1
+            assert on_disk(chunk.ci_index)
         finally:
             m.stop()
 

@@ -8,8 +8,9 @@ is ever written.
 
 Files, entry names (one entry per blob id and chunk table), locks and crash safety: see :mod:`.blob_file`.  A
 cache write that fails (a full or failing disk) still hands the fetched, verified bytes to their readers; the cache
-then stops storing (one warning) and reads what it lacks straight from the backend.  With ``max_size`` set, whole blobs not in use by any process are
-evicted, least recently used first, when the directory grows past it (:mod:`.store`).
+then stops storing (one warning) and reads what it lacks straight from the backend.  With ``max_size`` set, whole
+blobs not in use by any process are evicted, least recently used first, when the directory grows past it
+(:mod:`.store`).
 
 The cache is synchronous and thread-safe; the daemons call it from worker threads.  Background prefetch calls
 :meth:`ChunkCache.ensure` with ``background=True`` and yields to on-demand reads (:meth:`wait_idle`).
@@ -46,7 +47,6 @@ class CacheOptions:
     work_dir: str
     verify: bool = True  # digest validation of fetched chunks
     amplify_io: int = DEFAULT_AMPLIFY_IO  # largest merged backend request, bytes
-    sync: bool = True  # unused: the data file is always fdatasync'ed before chunks are marked ready on disk
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
     readahead: int = 4 << 20  # first readahead window when a blob is read in order, bytes; 0 = off

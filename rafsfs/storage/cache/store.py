@@ -28,8 +28,9 @@ class CacheEntry:
         return blob_id_of(self.name)
 
     def as_dict(self) -> dict:
-        return {"blob": self.blob_id, "entry": self.name, "chunks_ready": self.chunks_ready, "chunks_total": self.chunks_total,
-                "disk_bytes": self.disk_bytes, "last_used": self.last_used, "in_use": self.in_use}
+        return {"blob": self.blob_id, "entry": self.name, "chunks_ready": self.chunks_ready,
+                "chunks_total": self.chunks_total, "disk_bytes": self.disk_bytes, "last_used": self.last_used,
+                "in_use": self.in_use}
 
 
 def _busy(map_path: str) -> bool:
