@@ -130,10 +130,13 @@ class BlobCacheFile:
         self.map_fd = self.data_fd = -1
         try:
             self._open()
+            self.ready = bytearray(os.pread(self.map_fd, self.chunks, HEADER.size))
+        except OSError as e:  # e.g. a read-only or failing cache disk
+            self.close()
+            raise BlobUnavailable(f"cache entry {self.name}: {e.strerror or e}") from None
         except BaseException:
             self.close()
             raise
-        self.ready = bytearray(os.pread(self.map_fd, self.chunks, HEADER.size))
 
     # ------------------------------------------------------------------ opening
     def _open(self) -> None:
