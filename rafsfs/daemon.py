@@ -84,7 +84,8 @@ class SourceTraits:
 
     is_local: bool  # every read is served from local files: a small read never waits on the network
     metrics: "CacheMetrics | None"
-    fully_cached: Callable[["BlobInfo"], bool]  # every chunk of the blob is in the cache
+    # every chunk of the blob is in the cache entry for its chunk table (found through the source's BlobMeta)
+    fully_cached: Callable[["BlobInfo"], bool]
 
 
 def source_traits(source: "ChunkSource | None") -> SourceTraits:

@@ -23,6 +23,7 @@ from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_
 from rafsfs.builder import BuildOptions, build
 from rafsfs.config import from_dict
 from rafsfs.image import RafsImage
+from rafsfs.storage.cache.blob_file import MAP_SUFFIX, entries_of, ready_map
 from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
 from rafsfs.storage.factory import source_from_config
 
@@ -338,9 +339,17 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             for i in (0, 1, 2, 4, 5, 6, 7):  # the other files are fine
                 assert (m.mnt / f"small/f{i}").read_bytes() == files[f"/small/f{i}"]
             # the bad chunk is not marked ready in the cache's map
-            chunk_map = (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()
-            assert chunk_map[chunk.ci_index] == 0
-            assert all(chunk_map[ci] == 1 for ci in others.values())
+            (entry,) = entries_of(str(tmp_path / "cache"), digest.split(":")[-1])
+            map_path = str(tmp_path / "cache" / (entry + MAP_SUFFIX))
+
+            def on_disk(ci: int) -> bool:  # map bytes are written just after the data is durable (a moment later)
+                deadline = time.monotonic() + 10
+                while ready_map(map_path)[ci] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return ready_map(map_path)[ci] == 1
+
+            assert all(on_disk(ci) for ci in others.values())
+            assert ready_map(map_path)[chunk.ci_index] == 0
             # the registry is repaired: the chunk is fetched again and served right, on the same mount
             stored.write_bytes(good)
             time.sleep(FAILURE_MEMORY)  # the failure is answered from memory until then
@@ -348,7 +357,7 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             assert before >= 1
             assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]
             assert len(px.blob_gets(digest, overlapping=span)) == before + 1
-            assert (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()[chunk.ci_index] == 1
+            assert on_disk(chunk.ci_index)
         finally:
             m.stop()
 

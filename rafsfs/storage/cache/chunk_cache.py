@@ -6,8 +6,11 @@ a worker pool, decompressed, verified against their digest), written into the ca
 ready.  Concurrent readers of one chunk wait for a single fetch (single-flight).  Nothing that fails verification
 is ever written.
 
-Files and crash safety: see :mod:`.blob_file`.  With ``max_size`` set, whole blobs not in use by any process are
-evicted, least recently used first, when the directory grows past it (:mod:`.store`).
+Files, entry names (one entry per blob id and chunk table), locks and crash safety: see :mod:`.blob_file`.  A
+cache write that fails (a full or failing disk) still hands the fetched, verified bytes to their readers; the cache
+then stops storing (one warning) and reads what it lacks straight from the backend.  With ``max_size`` set, whole
+blobs not in use by any process are evicted, least recently used first, when the directory grows past it
+(:mod:`.store`).
 
 The cache is synchronous and thread-safe; the daemons call it from worker threads.  Background prefetch calls
 :meth:`ChunkCache.ensure` with ``background=True`` and yields to on-demand reads (:meth:`wait_idle`).
@@ -19,18 +22,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ...errors import BlobUnavailable, RafsError
 from ...blob import BlobInfo, ChunkRef, ChunkSlice
+from ...errors import BlobUnavailable, RafsError
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
 from ..meta import BlobMeta, MetaCache
-from . import store
-from .blob_file import BlobCacheFile, entry_name
 from ..metrics import CacheMetrics
 from ..source import ChunkSource
+from . import store
+from .blob_file import BlobCacheFile, EntryBusy, entry_name, table_key
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,6 @@ class CacheOptions:
     work_dir: str
     verify: bool = True  # digest validation of fetched chunks
     amplify_io: int = DEFAULT_AMPLIFY_IO  # largest merged backend request, bytes
-    sync: bool = False  # fsync data before marking chunks ready
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
     readahead: int = 4 << 20  # first readahead window when a blob is read in order, bytes; 0 = off
@@ -65,6 +68,103 @@ class _Stream:
 STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
+class _Uncached:
+    """Stands in for an entry that cannot be used (in use by others with other content, or the disk refused it):
+    nothing is ready, nothing is stored, every chunk is read from the backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ready = bytearray()
+
+    def is_ready(self, ci: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _Committer:
+    """Makes stored chunks ready on disk, off the read path: one ``fdatasync`` of an entry's data file for every
+    chunk stored in it since the last one, then their map bytes (so no map byte is ever durable before its data).
+    A reader never waits for it: chunks are ready for this process as soon as their bytes are written.  Measured
+    on this project's VM disk (1000 cold random 4 KiB reads of a 64 MiB image with 64 KiB chunks, local backend):
+    an fdatasync per fetched group on the read path took 1.3-3.0 s instead of 0.15-0.45 s (624 syncs, ~3 ms
+    each); batched here, 0.16-0.28 s (132 syncs).  A cold sequential read: no difference (9 syncs for 64 MiB)."""
+
+    def __init__(self, on_error: Callable[[OSError], None]):
+        self._cv = threading.Condition()
+        self._pending: dict[BlobCacheFile, list[int]] = {}
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._on_error = on_error
+
+    def add(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        with self._cv:
+            if self._closed:  # the cache is closing: commit here
+                self._commit(bc, cis)
+                return
+            self._pending.setdefault(bc, []).extend(cis)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rafsfs-commit", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, {}
+                self._busy = True
+            try:
+                for bc, cis in batch.items():
+                    self._commit(bc, cis)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _commit(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        try:
+            bc.commit(cis)
+        except OSError as e:
+            bc.forget(cis)
+            self._on_error(e)
+        except Exception:  # a bug must not stop every later commit
+            log.exception("committing chunks of cache entry %s", bc.name)
+
+    def flush(self) -> None:
+        """Wait until every chunk added so far is committed."""
+        with self._cv:
+            while self._pending or self._busy:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+def backend_identity(backend: BlobBackend) -> str:
+    """Where a backend's bytes come from, for entries whose bytes cannot be verified (see ``blob_file.table_key``).
+    A backend may say it itself (an ``identity`` attribute); else the local directory or registry repository."""
+    ident = getattr(backend, "identity", None)
+    if isinstance(ident, str):
+        return ident
+    cfg = getattr(backend, "cfg", None)
+    if cfg is not None and hasattr(cfg, "host"):
+        return f"registry:{getattr(cfg, 'scheme', '')}://{cfg.host}/{getattr(cfg, 'repo', '')}"
+    blob_dir = getattr(backend, "blob_dir", None)
+    devices = getattr(backend, "devices", None) or []
+    return "localfs:" + ":".join(os.path.realpath(p) for p in ([blob_dir] if blob_dir else []) + list(devices))
+
+
 class ChunkCache(ChunkSource):
     """A chunk source backed by a persistent on-disk cache; blob metadata is kept beside the entries."""
 
@@ -78,7 +178,13 @@ class ChunkCache(ChunkSource):
             os.makedirs(options.work_dir, exist_ok=True)
         except OSError as e:
             raise BlobUnavailable(f"cannot create cache directory {options.work_dir}: {e.strerror}") from None
-        self._blobs: dict[str, BlobCacheFile] = {}
+        self._blobs: dict[str, BlobCacheFile | _Uncached] = {}  # by entry name
+        # the entry of each blob's metadata: its chunk table decides the entry (two images that describe one blob
+        # id differently have two BlobMetas, see MetaCache, hence two entries)
+        self._by_meta: dict[BlobMeta, BlobCacheFile | _Uncached] = {}
+        self._identity = backend_identity(backend)
+        self.degraded: str | None = None  # why the cache stopped storing (a write failed), or None
+        self._committer = _Committer(self._degrade)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
         self._demand = 0  # on-demand ensure() calls running now
@@ -117,12 +223,14 @@ class ChunkCache(ChunkSource):
                 raise err
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
-        if self.opts.readahead and chunks:
+        if self.opts.readahead and chunks and self._storing(bc):
             self._read_ahead(blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks, neighbours=self._neighbours(blob, bc, chunks))
+        held = self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out_list = []
         for c in chunks:
-            data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
+            data = held.get(c.ci_index)
+            if data is None:
+                data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
             if len(data) != c.info.uncompressed_size:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
@@ -138,12 +246,16 @@ class ChunkCache(ChunkSource):
             return [by_key[(s.chunk.ci_index, s.chunk.info.uncompressed_offset)][s.offset:s.offset + s.length]
                     for s in slices]
         bc = self._blob(blob)
-        if self.opts.readahead and chunks:
+        if self.opts.readahead and chunks and self._storing(bc):
             self._read_ahead(blob, bc, chunks)
-        self.ensure(blob, chunks, neighbours=self._neighbours(blob, bc, chunks))
+        held = self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out = []
         for s in slices:
-            data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
+            whole = held.get(s.chunk.ci_index)
+            if whole is not None:
+                data = whole[s.offset:s.offset + s.length]
+            else:
+                data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
             if len(data) != s.length:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
@@ -151,22 +263,55 @@ class ChunkCache(ChunkSource):
         return out
 
     # ------------------------------------------------------------------ the mechanism
-    def _blob(self, blob: BlobInfo) -> BlobCacheFile:
-        key = entry_name(blob)
+    def _blob(self, blob: BlobInfo) -> BlobCacheFile | _Uncached:
+        """The entry for ``blob``'s chunk table (opened, or created, on first use), found through the blob's
+        metadata (:meth:`meta`), never through the image."""
+        meta = self.meta(blob)
+        bc = self._by_meta.get(meta)
+        if bc is not None:
+            return bc
+        key, verified = table_key(meta, self.opts.verify, self._identity)  # computed once per BlobMeta
+        name = entry_name(blob, key)
+        new = False
         with self._lock:
-            bc = self._blobs.get(key)
+            bc = self._blobs.get(name)
             if bc is None:
-                bc = self._blobs[key] = BlobCacheFile(self.opts.work_dir, blob)
-                new = True
-            else:
-                new = False
+                try:
+                    bc = BlobCacheFile(self.opts.work_dir, blob, key, verified)
+                    new = True
+                except EntryBusy as e:
+                    log.info("%s: reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                except BlobUnavailable as e:  # e.g. a full disk, or a size the file system refuses
+                    log.warning("%s; reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                self._blobs[name] = bc
+            self._by_meta[meta] = bc
         if new and self.opts.max_size:
             self._evict()
         return bc
 
+    def entry(self, blob: BlobInfo) -> BlobCacheFile:
+        """The open cache entry ``blob`` is read through (its ``data_fd`` stays open for the cache's own writes
+        until :meth:`close`).  BlobUnavailable if the blob cannot be cached here."""
+        bc = self._blob(blob)
+        if not isinstance(bc, BlobCacheFile):
+            raise BlobUnavailable(f"blob {blob.ref.name} is not cached in {self.opts.work_dir}")
+        return bc
+
+    def data_path(self, blob: BlobInfo) -> str:
+        """The data file holding ``blob`` in its uncompressed layout (what a kernel reads as a blob device).
+        Opens the entry, so the path exists and this cache holds it until :meth:`close`."""
+        return self.entry(blob).data_path
+
     def fully_cached(self, blob: BlobInfo) -> bool:
         """Every chunk of ``blob`` is in the cache: reading it needs no backend."""
-        return blob.nydus and blob.chunk_count > 0 and all(self._blob(blob).ready)
+        if not (blob.nydus and blob.chunk_count > 0):
+            return False
+        try:
+            return all(self._blob(blob).ready or b"\0")
+        except RafsError:
+            return False
 
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
@@ -189,11 +334,24 @@ class ChunkCache(ChunkSource):
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
                merge_limit: int | None = None, neighbours: list[ChunkRef] = ()) -> list[ChunkRef]:
-        """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
-        thread right now are waited for instead of fetched again.  ``neighbours``: see :meth:`_neighbours`."""
-        bc = self._blob(blob)
+        """Make every chunk present and verified in the cache entry for ``blob``; returns ``chunks``.  Chunks
+        fetched by another thread right now are waited for instead of fetched again.  ``neighbours``: see
+        :meth:`_neighbours`.  (A degraded cache fetches nothing in the background, and stores nothing.)"""
+        self._ensure(blob, self._blob(blob), chunks, background, merge_limit, neighbours)
+        return chunks
+
+    def _storing(self, bc: BlobCacheFile | _Uncached) -> bool:
+        return self.degraded is None and isinstance(bc, BlobCacheFile)
+
+    def _ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef], background: bool = False,
+                merge_limit: int | None = None, neighbours: list[ChunkRef] = ()) -> dict[int, bytes]:
+        """:meth:`ensure`; returns the verified bytes of the chunks that could not be stored, by chunk-info index
+        (the reader takes them from here instead of the cache file)."""
+        if background and not self._storing(bc):
+            return {}
+        held: dict[int, bytes] = {}
         mine: list[ChunkRef] = []
-        waits: list[Future] = []
+        waits: list[tuple[int, Future]] = []
         early_error: BaseException | None = None
         claimed: set[int] = set()
         with self._lock:
@@ -205,7 +363,7 @@ class ChunkCache(ChunkSource):
                 key = (bc.name, c.ci_index)
                 fut = self._inflight.get(key)
                 if fut is not None:
-                    waits.append(fut)
+                    waits.append((c.ci_index, fut))
                     if not background:
                         self.metrics.hit()
                     continue
@@ -231,11 +389,14 @@ class ChunkCache(ChunkSource):
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, background=background, neighbours=neighbours) or error
-            for f in waits:
+                error = self._fetch(blob, bc, mine, merge_limit, background=background,
+                                    neighbours=neighbours, held=held) or error
+            for ci, f in waits:
                 exc = f.exception()
-                if exc is not None and error is None:
-                    error = exc
+                if exc is not None:
+                    error = error or exc
+                elif f.result() is not None:
+                    held[ci] = f.result()  # fetched by another thread, but not stored
         finally:
             if not background:
                 with self._idle:
@@ -245,27 +406,30 @@ class ChunkCache(ChunkSource):
                         self._idle.notify_all()
         if error is not None:
             raise error
-        return chunks
+        return held
 
-    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
-               background: bool = False, neighbours: list[ChunkRef] = ()) -> RafsError | None:
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef],
+               merge_limit: int | None = None, background: bool = False, neighbours: list[ChunkRef] = (),
+               held: dict[int, bytes] | None = None) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
         Chunks whose stored bytes came along with an earlier request are decoded from memory.  On-demand failures
-        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not."""
+        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not.  The bytes of good chunks
+        that could not be stored go to ``held`` and to the chunks' waiters."""
         failed: list[RafsError] = []
         settled: set[int] = set()
+        stored: list[int] = []
         claimed = chunks
+        held = {} if held is None else held
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
                 if self._kept_neighbours:
                     with self._lock:  # kept bytes of it that came along earlier are not needed any more
                         self._take_neighbour(bc.name, c.ci_index)
-                try:
-                    bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
-                except OSError as e:
-                    err = BlobUnavailable(f"cache write failed: {e.strerror}")
-                    self.metrics.error()
+                if self._store(bc, c, data):
+                    stored.append(c.ci_index)
+                else:
+                    held[c.ci_index] = data
             if err is not None:
                 failed.append(err)
                 if not background:
@@ -277,7 +441,7 @@ class ChunkCache(ChunkSource):
                 with self._lock:
                     self._failed.pop((bc.name, c.ci_index), None)
             settled.add(c.ci_index)
-            self._settle(bc, c, err)
+            self._settle(bc, c, err, held.get(c.ci_index))
 
         try:
             error = None
@@ -299,6 +463,8 @@ class ChunkCache(ChunkSource):
             for c in claimed:
                 if c.ci_index not in settled:
                     self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
+        if stored:
+            self._committer.add(bc, stored)  # durable bytes first, then their map bytes
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in claimed)
@@ -309,7 +475,31 @@ class ChunkCache(ChunkSource):
                 self._evict()
         return error or (failed[0] if failed else None)
 
-    def _neighbours(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> list[ChunkRef]:
+    def _store(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, data: bytes) -> bool:
+        """Write a verified chunk into the entry; False if it was not stored (the cache is degraded, or this write
+        failed and degraded it)."""
+        if not self._storing(bc):
+            return False
+        try:
+            bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data)
+            return True
+        except OSError as e:
+            self._degrade(e)
+            return False
+
+    def _degrade(self, e: OSError) -> None:
+        """A write to the cache failed (a full or failing disk): stop storing, once, with one log line.  Reads keep
+        being served: what is in the cache from it, the rest straight from the backend."""
+        self.metrics.error()
+        with self._lock:
+            if self.degraded is not None:
+                return
+            self.degraded = f"writing to the cache failed: {e.strerror or e}"
+        log.warning("cache %s: %s; reading what is not cached straight from the backend from now on",
+                    self.opts.work_dir, self.degraded)
+
+    def _neighbours(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached,
+                    chunks: list[ChunkRef]) -> list[ChunkRef]:
         """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
         while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the
         same time, and files read together (a program's libraries and modules, one directory's files) are stored
@@ -404,23 +594,24 @@ class ChunkCache(ChunkSource):
         meta = self.meta(blob)
         refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
-            pool.submit(self._background_ensure, blob, refs)
+            pool.submit(self._background_ensure, blob, bc, refs)
 
-    def _background_ensure(self, blob: BlobInfo, refs: list[ChunkRef]) -> None:
+    def _background_ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, refs: list[ChunkRef]) -> None:
         try:
-            self.ensure(blob, refs, background=True, merge_limit=self.opts.readahead_request)
+            self._ensure(blob, bc, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
         except Exception:  # nobody reads this future: a bug here must still be seen
             log.exception("readahead of blob %s", blob.ref.name)
 
-    def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
+    def _settle(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, exc: BaseException | None,
+                data: bytes | None = None) -> None:
         with self._lock:
             fut = self._inflight.pop((bc.name, c.ci_index), None)
         if fut is None:
             return
         if exc is None:
-            fut.set_result(None)
+            fut.set_result(data)
         else:
             fut.set_exception(exc)
 
@@ -432,6 +623,10 @@ class ChunkCache(ChunkSource):
             log.debug("cache %s is over its cap of %d bytes, but every blob in it is in use",
                       self.opts.work_dir, self.opts.max_size)
 
+    def sync(self) -> None:
+        """Wait until every chunk stored so far is marked ready on disk (other processes then see it)."""
+        self._committer.flush()
+
     def close(self) -> None:
         """Stop background work, then the fetcher's workers (they write into the cache files), then the files."""
         with self._lock:
@@ -440,9 +635,11 @@ class ChunkCache(ChunkSource):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self.fetcher.close()
+        self._committer.close()  # every stored chunk made ready on disk before the files close
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
+            self._by_meta.clear()
             self._kept_neighbours.clear()
             self._kept_neighbour_bytes = 0
