@@ -48,7 +48,7 @@ WAYS = ("full pull (overlayfs)", "rafsfs (nydus-snapshotter)", "SOCI (soci-snaps
 
 TOOLS = ("ctr", "ctr-remote", "soci", "runc", "containerd-shim-runc-v2", "containerd", "containerd-nydus-grpc",
          "soci-snapshotter-grpc", "docker-registry", "rafsfs-nydusd")
-DAEMON_MODULES = ("rafsfs.nydusd", "fuse_backend.mount", "rafsfs.config", "rafsfs.image", "rafsfs.storage.open",
+DAEMON_MODULES = ("rafsfs.nydusd", "fuse_backend.mount", "rafsfs.config", "rafsfs.image", "rafsfs.storage.factory",
                   "rafsfs.storage.backend.registry", "rafsfs.storage.cache.prefetch", "rafsfs.tools")
 
 

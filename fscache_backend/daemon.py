@@ -30,8 +30,8 @@ import trio
 
 from rafsfs.atomic import write_text
 from rafsfs.errors import BadImage, RafsError
-from rafsfs.image import BlobInfo, ChunkRef
-from rafsfs.storage.cache.metrics import CacheMetrics
+from rafsfs.blob import BlobInfo, ChunkRef
+from rafsfs.storage.metrics import CacheMetrics
 
 from . import protocol
 from . import mount as fsmount
@@ -483,8 +483,9 @@ class Daemon:
     async def _fill_blob_from(self, obj: Obj, msg: protocol.ReadMsg, s: Served, blob: BlobInfo) -> None:
         sync_end = msg.offset + max(msg.length, s.amplify)
         span = min(sync_end + READ_AHEAD * s.amplify, obj.size) - msg.offset
-        chunks = await trio.to_thread.run_sync(s.image.blob_chunks, blob, msg.offset, max(span, msg.length),
-                                               s.source, limiter=self.limiter)
+        chunks = await trio.to_thread.run_sync(
+            lambda: s.source.meta(blob).chunks_at(msg.offset, max(span, msg.length)),
+            limiter=self.limiter)
         end = msg.offset + msg.length
         by_ci = {c.ci_index: c for c in chunks}
         required = [c.ci_index for c in chunks if c.info.uncompressed_offset < end]
@@ -539,13 +540,13 @@ class Daemon:
         pairs: list[tuple[ChunkRef, bytes]] = []
         if chunks:
             try:
-                pairs = list(zip(chunks, s.source.read_chunks(s.image, blob, chunks)))
+                pairs = list(zip(chunks, s.source.read_chunks(blob, chunks)))
             except RafsError as e:
                 if len(chunks) > 1:
                     log.warning("blob %s: %s; fetching chunk by chunk", blob.blob_id, e)
                 for c in chunks if len(chunks) > 1 else ():
                     try:
-                        pairs.append((c, s.source.read_chunks(s.image, blob, [c])[0]))
+                        pairs.append((c, s.source.read_chunks(blob, [c])[0]))
                     except RafsError as e1:
                         log.error("blob %s chunk %d: %s", blob.blob_id, c.ci_index, e1)
                 if len(chunks) == 1:

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 
 from rafsfs.image import RafsImage
-from rafsfs.storage.cache.metrics import CacheMetrics
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.metrics import CacheMetrics
+from rafsfs.storage.cache.none import DirectChunkSource
 
 from . import protocol
 from .errors import FscacheError

@@ -2,9 +2,9 @@
 kernel's cache file is the uncompressed blob, so a second, persisting copy would only duplicate it."""
 from __future__ import annotations
 
-from rafsfs.storage.cache.metrics import CacheMetrics
-from rafsfs.storage.direct import DirectChunkSource
-from rafsfs.storage.open import backend_from_config, config_from_args
+from rafsfs.storage.metrics import CacheMetrics
+from rafsfs.storage.cache.none import DirectChunkSource
+from rafsfs.storage.factory import backend_from_config, config_from_args
 
 
 def open_source(blob_dir: str | None, devices: list[str], config: str | None,

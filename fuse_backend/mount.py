@@ -8,12 +8,12 @@ import signal
 import pyfuse3
 import trio
 
-from rafsfs.errors import RafsError
-from rafsfs.image import ChunkSource, RafsImage
-from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.recent import RecentChunks
+from rafsfs.daemon import source_traits
+from rafsfs.image import RafsImage
+from rafsfs.storage.source import ChunkSource
 
 from .operations import RafsOperations
+from .runner import preflight
 
 log = logging.getLogger(__name__)
 
@@ -22,50 +22,10 @@ READ_AHEAD_KB = 1024  # the kernel then sends up to 1 MiB reads (pyfuse3's max_r
 MAX_TASKS = 64
 
 
-class MountError(RafsError):
-    pass
-
-
-def preflight(mountpoint: str) -> None:
-    """Say in one line why a mount cannot start, before touching FUSE."""
-    if os.geteuid() != 0:
-        raise MountError("FUSE mounts need root (or CAP_SYS_ADMIN)")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
-
-
-def probe_blobs(image: RafsImage, source: ChunkSource | None) -> None:
-    """Read one byte of every blob the image names, so that a missing blob or an unreachable registry stops the
-    mount with one line instead of turning every later read into EIO."""
-    if source is None:
-        return
-    for blob in image.blobs:
-        if not (blob.compressed_size or blob.uncompressed_size):
-            continue  # an empty blob: nothing to read
-        fully_cached = getattr(source, "fully_cached", None)
-        if fully_cached is not None and fully_cached(blob):
-            continue  # every chunk is in the cache: this mount never needs the backend for it
-        try:
-            source.read_raw(blob, 0, 1)
-        except RafsError as e:
-            raise MountError(f"cannot read blob {blob.ref.name}: {e}") from None
-
-
-def prepare_reads(image: RafsImage, source: ChunkSource | None) -> None:
-    """What the first file read would otherwise do: check the blobs (:func:`probe_blobs`) and parse the chunk
-    table (~0.2 s for 50k chunks)."""
-    probe_blobs(image, source)
-    image.chunk_table()
-
-
 def data_is_local(source: ChunkSource | None) -> bool:
     """True when every read is served from local files (a blob directory, with or without the chunk cache), so
     that a small read never waits on the network."""
-    return source is None or isinstance(getattr(source, "backend", None), LocalFsBackend)
+    return source_traits(source).is_local
 
 
 def _mount_dev(mountpoint: str) -> str | None:
@@ -121,15 +81,17 @@ async def _serve(mountpoint: str, ready) -> None:
 
 
 def run_fuse(image: RafsImage, source: ChunkSource | None, mountpoint: str, *, fsname: str = "rafsfs",
-             ready=None, debug: bool = False, eager: bool = True) -> None:
-    """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts.
-    ``eager=False``: the caller prepares the read path itself, after the mount is up (:func:`prepare_reads`)."""
+             ready=None, debug: bool = False, data_local: bool | None = None, enable_xattr: bool = True) -> None:
+    """Mount and serve until unmounted (``umount``/``fusermount3 -u``) or SIGTERM/SIGINT; always unmounts.  The
+    caller has prepared the read path (:func:`rafsfs.daemon.prepare_reads`); ``data_local``: reads never wait on
+    the network (default: asked of ``source``), so small files are read on the event loop."""
     mountpoint = os.path.realpath(mountpoint)  # before mounting: afterwards this would ask our own daemon
     preflight(mountpoint)
-    if eager:
-        prepare_reads(image, source)
-    inline_max = INLINE_MAX if data_is_local(source) else 0
-    ops = RafsOperations(image, RecentChunks(source) if source is not None else None, inline_max=inline_max)
+    if data_local is None:
+        data_local = data_is_local(source)
+    inline_max = INLINE_MAX if data_local else 0
+    ops = RafsOperations(image, source, inline_max=inline_max,
+                         enable_xattr=enable_xattr)
     options = set(pyfuse3.default_options)
     options |= {"ro", f"fsname={fsname}", "subtype=rafs", "allow_other"}
     if debug:

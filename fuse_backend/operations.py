@@ -22,7 +22,8 @@ import pyfuse3
 import trio
 
 from rafsfs.errors import RafsError
-from rafsfs.image import ChunkSource, Inode, RafsImage
+from rafsfs.image import Inode, RafsImage
+from rafsfs.storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ READ_THREADS = 32
 
 
 def errno_of(exc: BaseException) -> int:
-    """The errno a FUSE reply carries for an exception raised while serving it."""
+    """The errno a FUSE reply carries for an exception raised while serving it: the core's errors carry their
+    own (ENOENT, ENODATA, ...); anything else -- the daemon's own OSErrors (EBADF, EMFILE, ENOSPC on its cache
+    files) and bugs -- is EIO to the reader, whose read(2) must not report the daemon's trouble as its own."""
     if isinstance(exc, RafsError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
 
@@ -49,8 +50,8 @@ def _fuse_errors(op: str) -> Iterator[None]:
         raise
     except Exception as e:  # every failure becomes an errno, never a crashed request
         code = errno_of(e)
-        if code == errno.EIO:
-            log.error("%s: %s", op, e)
+        if code == errno.EIO:  # the reader sees EIO: the log keeps what really happened
+            log.error("%s: %s: %s", op, type(e).__name__, e)
         raise pyfuse3.FUSEError(code) from None
 
 
@@ -60,9 +61,12 @@ class RafsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, image: RafsImage, source: ChunkSource | None, *, read_threads: int = READ_THREADS,
-                 inline_max: int = 0, uid: int | None = None, gid: int | None = None):
+                 inline_max: int = 0, uid: int | None = None, gid: int | None = None, enable_xattr: bool = True):
         super().__init__()
         self.image = image
+        # the config's enable_xattr: False hides every xattr.  ENOSYS, as nydusd answers: the kernel then stops asking
+        # and tells readers EOPNOTSUPP itself
+        self.enable_xattr = enable_xattr
         self.source = source
         self.limiter = trio.CapacityLimiter(read_threads)
         self.inline_max = inline_max  # files up to this size are read on the event loop (0: never)
@@ -146,10 +150,14 @@ class RafsOperations(pyfuse3.Operations):
             return self.image.readlink(node)
 
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        if not self.enable_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _fuse_errors("getxattr"):
             return self.image.getxattr(self.image.inode(self._nid(inode)), name)
 
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        if not self.enable_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _fuse_errors("listxattr"):
             return self.image.listxattr(self.image.inode(self._nid(inode)))
 

@@ -1,28 +1,30 @@
 """RafsImage: read a RAFS v6 bootstrap (Nydus) or a plain uncompressed EROFS image.
 
 Metadata comes from the bootstrap alone.  File data is described by :meth:`RafsImage.map_range`, which turns a file
-range into chunk slices (blob, chunk location, offset and length inside the chunk); a :class:`ChunkSource` (the
-chunk cache, or a direct reader over a backend) turns chunks into verified, decompressed bytes.
+range into chunk slices (blob, chunk location, offset and length inside the chunk); a chunk source
+(:class:`rafsfs.storage.source.ChunkSource`: the chunk cache, or a direct reader over a backend) owns the blobs'
+metadata (where each chunk lives, when the bootstrap's chunk table does not say) and turns chunks into verified,
+decompressed bytes.  The reader does no blob I/O.
 
 Every offset, count and size read from the image is checked before use: a malformed image raises
 :class:`BadImage`, never an IndexError or a hang.
 """
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator
 
-from .errors import BadImage, IsADirectory, NotADirectory, NotFound, NoXattr
+from .blob import BOOTSTRAP, HOLE, BlobInfo, ChunkInfo, ChunkRef, ChunkSlice, check_blob_id, check_chunk_info
+from .errors import BadImage, BlobUnavailable, IsADirectory, NotADirectory, NotFound, NoXattr
 from .format import blob_meta as bm
 from .format import blob_table as bt
 from .format import superblock as sbf
-from .format.chunk import BLOCK_MAP_ENTRY_SIZE, CHUNK_INDEX_SIZE, ChunkIndex, ChunkTableEntry
+from .format.chunk import BLOCK_MAP_ENTRY_SIZE, CHUNK_INDEX_SIZE, ChunkIndex, ChunkTable
 from .format.dirent import DIRENT_SIZE, MAX_NAME, Dirent
 from .format.inode import (
     CHUNK_FORMAT_48BIT,
@@ -39,66 +41,14 @@ from .format.inode import (
     xattr_ibody_size,
 )
 from .format.record import round_up
-from .format.toc import TOC_ENTRY_SIZE, TocEntry
 from .format.xattr import LONG_PREFIX_FLAG, PREFIXES, XattrEntry, XattrIbodyHeader
-from .storage.backend.base import BlobRef
 
-BOOTSTRAP = -1  # blob index of data that lives in the bootstrap / primary device itself
-HOLE = -2  # blob index of a hole (reads as zeros)
+if TYPE_CHECKING:
+    from .storage.source import ChunkSource
+
 _MAX_DIR_ENTRIES = 1 << 24
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    """One data blob (Nydus blob table entry + device slot) or one plain EROFS extra device."""
-
-    index: int
-    blob_id: str  # hex id, "" for an EROFS device slot without one
-    chunk_size: int
-    chunk_count: int
-    compressor: int
-    digester: int
-    features: int
-    compressed_size: int
-    uncompressed_size: int
-    ci_compressor: int = 0
-    ci_offset: int = 0
-    ci_compressed_size: int = 0
-    ci_uncompressed_size: int = 0
-    toc_size: int = 0
-    toc_digest: bytes = b""
-    device_blocks: int = 0
-    mapped_blkaddr: int = 0
-    nydus: bool = True  # False: a plain EROFS device, uncompressed, chunk at blkaddr*blk
-
-    @property
-    def ref(self) -> BlobRef:
-        return BlobRef(self.blob_id, self.index)
-
-    @property
-    def ci_v2(self) -> bool:
-        return bool(self.features & bt.FEAT_CHUNK_INFO_V2)
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """A chunk: where its bytes live.  ``blob_index`` is BOOTSTRAP for data in the image file, HOLE for zeros."""
-
-    blob_index: int
-    ci_index: int
-    info: bm.ChunkInfo
-    digest: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ChunkSlice:
-    """Part of a file range served by one chunk: ``length`` bytes at ``offset`` inside the chunk's uncompressed data,
-    which land at ``file_offset`` in the file."""
-
-    file_offset: int
-    chunk: ChunkRef
-    offset: int
-    length: int
+MAX_IMAGE_CHUNKS = 1 << 24  # chunks in all blobs of one image: bounds the memory of their metadata
+MAX_BLOB_SIZE = 1 << 44  # uncompressed offsets in chunk-info arrays have 44 bits
 
 
 @dataclass
@@ -155,27 +105,6 @@ class DirEntry:
     file_type: int
 
 
-class ChunkSource(Protocol):
-    """Turns chunks into bytes: the chunk cache, or :class:`rafsfs.storage.direct.DirectChunkSource`.
-
-    A source may also offer ``read_slices(image, blob, slices: list[ChunkSlice]) -> list[bytes]``, returning just
-    the sliced bytes (the chunk cache reads them from its file without materialising whole chunks);
-    :meth:`RafsImage.read` uses it when present."""
-
-    def read_chunks(self, image: "RafsImage", blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
-        ...
-
-    def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        ...
-
-
-@dataclass
-class _BlobMetaCache:
-    infos: dict[int, list] = field(default_factory=dict)  # blob index -> list of ChunkInfo by ci index
-    digests: dict[int, bytes | None] = field(default_factory=dict)  # blob index -> packed digests or None
-    layouts: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # blob index -> (starts, ci)
-
-
 class RafsImage:
     """A read-only view of one bootstrap.  Thread-safe for concurrent reads (all caches are idempotent)."""
 
@@ -183,8 +112,6 @@ class RafsImage:
         self.name = name
         self.buf = memoryview(buf) if not isinstance(buf, memoryview) else buf
         self._fd = source_fd
-        self._meta = _BlobMetaCache()
-        self._chunk_table: dict[tuple[int, int], ChunkTableEntry] | None = None
         # per-instance caches (parsed records are immutable, so concurrent fills are harmless)
         self._inode = lru_cache(maxsize=1 << 16)(self._load_inode)
         self._dir_entries = lru_cache(maxsize=4096)(self._load_dir_entries)
@@ -292,6 +219,7 @@ class RafsImage:
 
     def _parse_blobs(self) -> list[BlobInfo]:
         sb, ext = self.sb, self.ext
+        self._chunk_table: ChunkTable | None = None
         if ext is None:  # plain EROFS: extra devices hold uncompressed chunk data
             return [BlobInfo(index=i, blob_id=_tag_id(d.tag), chunk_size=0, chunk_count=0,
                              compressor=bt.COMPRESSOR_NONE, digester=-1, features=0, compressed_size=0,
@@ -301,7 +229,7 @@ class RafsImage:
         n = ext.blob_table_size // bt.BLOB_ENTRY_SIZE
         if n != sb.extra_devices:
             raise BadImage(f"blob table has {n} entries but the superblock names {sb.extra_devices} devices")
-        blobs = []
+        kws = []
         seen = set()
         for i in range(n):
             e = bt.BlobEntry.unpack_from(self.buf, ext.blob_table_offset + i * bt.BLOB_ENTRY_SIZE)
@@ -309,8 +237,10 @@ class RafsImage:
                 blob_id = e.blob_id.decode("ascii")
             except UnicodeDecodeError:
                 raise BadImage(f"blob {i}: id is not ASCII") from None
-            if len(blob_id.strip("0123456789abcdef")) or len(blob_id) != 64:
-                raise BadImage(f"blob {i}: invalid id {blob_id!r}")
+            try:
+                check_blob_id(blob_id)
+            except BlobUnavailable:
+                raise BadImage(f"blob {i}: invalid id {blob_id!r}") from None
             if blob_id in seen:
                 raise BadImage(f"blob {blob_id} listed twice")
             seen.add(blob_id)
@@ -319,20 +249,34 @@ class RafsImage:
             dev = self.devices[i]
             if _tag_id(dev.tag) != blob_id:
                 raise BadImage(f"blob {i}: device slot tag does not match blob id {blob_id}")
-            if e.chunk_count > 1 << 24:
-                raise BadImage(f"blob {blob_id}: too many chunks ({e.chunk_count})")
+            if e.chunk_count > MAX_IMAGE_CHUNKS:
+                raise BadImage(f"blob {blob_id}: too many chunks ({e.chunk_count}, MAX_IMAGE_CHUNKS is "
+                               f"{MAX_IMAGE_CHUNKS})")
             if e.compression_algo not in (0, 1, 2, 3) or e.digest_algo not in (0, 1):
                 raise BadImage(f"blob {blob_id}: unknown compressor {e.compression_algo} or digest {e.digest_algo}")
             if e.features & bt.FEAT_UNKNOWN_INCOMPAT:
                 raise BadImage(f"blob {blob_id}: unknown features 0x{e.features:x}")
-            blobs.append(BlobInfo(
+            if e.uncompressed_size >= MAX_BLOB_SIZE or e.compressed_size >= MAX_BLOB_SIZE:
+                raise BadImage(f"blob {blob_id}: size beyond 2^44 bytes (the chunk-info format's limit)")
+            kws.append(dict(
                 index=i, blob_id=blob_id, chunk_size=e.chunk_size, chunk_count=e.chunk_count,
                 compressor=e.compression_algo, digester=e.digest_algo, features=e.features,
                 compressed_size=e.compressed_size, uncompressed_size=e.uncompressed_size,
                 ci_compressor=e.ci_compressor, ci_offset=e.ci_offset, ci_compressed_size=e.ci_compressed_size,
                 ci_uncompressed_size=e.ci_uncompressed_size, toc_size=e.blob_toc_size,
-                toc_digest=e.blob_toc_digest, device_blocks=dev.blocks, mapped_blkaddr=dev.mapped_blkaddr))
-        return blobs
+                toc_digest=e.blob_toc_digest, device_blocks=dev.blocks, mapped_blkaddr=dev.mapped_blkaddr,
+                ci_v2=bool(e.features & bt.FEAT_CHUNK_INFO_V2)))
+        total = sum(kw["chunk_count"] for kw in kws)
+        if total > MAX_IMAGE_CHUNKS:
+            raise BadImage(f"image has {total} chunks, more than MAX_IMAGE_CHUNKS ({MAX_IMAGE_CHUNKS})")
+        table = None
+        if ext.chunk_table_offset and ext.chunk_table_size:
+            if ext.chunk_table_size > 80 * MAX_IMAGE_CHUNKS:
+                raise BadImage(f"chunk table has more entries than MAX_IMAGE_CHUNKS ({MAX_IMAGE_CHUNKS})")
+            raw = bytes(self._bytes(ext.chunk_table_offset, ext.chunk_table_size, "chunk table"))
+            table = ChunkTable(raw, [kw["chunk_count"] for kw in kws])
+        self._chunk_table = table
+        return [BlobInfo(**kw, chunk_table=table) for kw in kws]
 
     def _parse_long_prefixes(self) -> list[tuple[int, bytes]]:
         """EROFS long xattr name prefixes (INCOMPAT_XATTR_PREFIXES): (base index, infix) per entry."""
@@ -605,8 +549,9 @@ class RafsImage:
                source: ChunkSource | None = None) -> list[ChunkRef]:
         """The chunks of a regular file (chunk j covers [j*cs, min((j+1)*cs, size))), located in their blobs.
 
-        For Nydus images each chunk's compressed location comes from the bootstrap's chunk table or, lacking one,
-        from the blob's chunk-info array (read through ``source``, then kept)."""
+        For Nydus images each chunk's location comes from ``source``'s metadata of the blob (the bootstrap's chunk
+        table, or the blob's chunk-info array, which storage reads and keeps) or, without a source, from the
+        chunk table alone."""
         if ino.layout != LAYOUT_CHUNK_BASED:
             raise BadImage(f"inode {ino.nid} is not chunk-based")
         cs, count, start, esize = self._chunk_layout(ino)
@@ -619,34 +564,41 @@ class RafsImage:
         if esize == BLOCK_MAP_ENTRY_SIZE:
             (addr,) = struct.unpack_from("<I", self.buf, off)
             if addr == NULL_ADDR:
-                return ChunkRef(HOLE, 0, bm.ChunkInfo(0, length, 0, length, False))
+                return ChunkRef(HOLE, 0, ChunkInfo(0, length, 0, length, False))
             return self._bootstrap_chunk(ino, addr * blk, length)
         ci = ChunkIndex.unpack_from(self.buf, off)
         if self.ext is None:
             if ci.blkaddr == NULL_ADDR:
-                return ChunkRef(HOLE, 0, bm.ChunkInfo(0, length, 0, length, False))
+                return ChunkRef(HOLE, 0, ChunkInfo(0, length, 0, length, False))
             dev = ci.device_id(len(self.devices))
             if dev == 0:
                 return self._bootstrap_chunk(ino, ci.blkaddr * blk, length)
             if dev > len(self.blobs):
                 raise BadImage(f"inode {ino.nid}: chunk on unknown device {dev}")
             addr = ci.blkaddr * blk
-            return ChunkRef(dev - 1, 0, bm.ChunkInfo(addr, length, addr, length, False))
+            return ChunkRef(dev - 1, 0, ChunkInfo(addr, length, addr, length, False))
         bidx, cidx = ci.nydus_blob_index, ci.nydus_ci_index
         if not 0 <= bidx < len(self.blobs):
             raise BadImage(f"inode {ino.nid}: chunk refers to unknown blob {bidx}")
         blob = self.blobs[bidx]
         if cidx >= blob.chunk_count:
             raise BadImage(f"inode {ino.nid}: chunk index {cidx} beyond blob's {blob.chunk_count} chunks")
-        info, digest = self.chunk_info(bidx, cidx, source)
-        if info.uncompressed_offset != ci.blkaddr * blk or info.uncompressed_size < length:
+        if source is not None:
+            ref = source.meta(blob).chunk_ref(cidx)
+        else:
+            found = self._chunk_table.chunk(bidx, cidx) if self._chunk_table is not None else None
+            if found is None:
+                raise BadImage(f"blob {blob.blob_id}: chunk {cidx} is not in the chunk table "
+                               "and no blob source was given to read blob.meta")
+            ref = ChunkRef(bidx, cidx, check_chunk_info(blob, found[0]), found[1])
+        if ref.info.uncompressed_offset != ci.blkaddr * blk or ref.info.uncompressed_size < length:
             raise BadImage(f"inode {ino.nid}: chunk {cidx} of blob {blob.blob_id} "
                            f"disagrees with the blob's chunk information")
-        return ChunkRef(bidx, cidx, info, digest)
+        return ref
 
     def _bootstrap_chunk(self, ino: Inode, addr: int, length: int) -> ChunkRef:
         self._bytes(addr, length, f"data of inode {ino.nid}")
-        return ChunkRef(BOOTSTRAP, 0, bm.ChunkInfo(addr, length, addr, length, False))
+        return ChunkRef(BOOTSTRAP, 0, ChunkInfo(addr, length, addr, length, False))
 
     def map_range(self, ino: Inode, offset: int, size: int, source: ChunkSource | None = None) -> list[ChunkSlice]:
         """The chunk slices that make up bytes [offset, offset+size) of a regular file, clipped to its size
@@ -658,7 +610,7 @@ class RafsImage:
             return []
         if ino.layout != LAYOUT_CHUNK_BASED:
             return [ChunkSlice(foff + max(0, offset - foff),
-                               ChunkRef(BOOTSTRAP, 0, bm.ChunkInfo(ioff, n, ioff, n, False)),
+                               ChunkRef(BOOTSTRAP, 0, ChunkInfo(ioff, n, ioff, n, False)),
                                max(0, offset - foff), min(end, foff + n) - max(offset, foff))
                     for foff, ioff, n in self._flat_segments(ino) if foff < end and foff + n > offset]
         cs = self._chunk_layout(ino)[0]
@@ -670,213 +622,28 @@ class RafsImage:
             out.append(ChunkSlice(lo, ref, lo - j * cs, hi - lo))
         return out
 
-    # ------------------------------------------------------------------ chunk information
-    def chunk_table(self) -> dict[tuple[int, int], ChunkTableEntry]:
-        """The bootstrap's legacy chunk table, keyed by (blob index, chunk-info index)."""
+    def chunk_table(self) -> ChunkTable:
+        """The bootstrap's legacy chunk table (a mapping (blob index, chunk-info index) -> entry), indexed now
+        rather than on the first read (~0.1 s for 50k chunks)."""
         if self._chunk_table is None:
-            table: dict[tuple[int, int], ChunkTableEntry] = {}
-            ext = self.ext
-            if ext and ext.chunk_table_offset and ext.chunk_table_size:
-                raw = self._bytes(ext.chunk_table_offset, ext.chunk_table_size, "chunk table")
-                for i in range(ext.chunk_table_size // 80):
-                    e = ChunkTableEntry.unpack_from(raw, i * 80)
-                    table[(e.blob_index, e.index)] = e
-            self._chunk_table = table
+            return ChunkTable(b"", [b.chunk_count for b in self.blobs])
+        self._chunk_table.index()
         return self._chunk_table
-
-    def chunk_ref(self, blob_index: int, ci_index: int, source: ChunkSource | None = None) -> ChunkRef:
-        """Chunk ``ci_index`` of a Nydus blob, located (:meth:`chunk_info`)."""
-        info, digest = self.chunk_info(blob_index, ci_index, source)
-        return ChunkRef(blob_index, ci_index, info, digest)
-
-    def chunk_info(self, blob_index: int, ci_index: int,
-                   source: ChunkSource | None = None) -> tuple[bm.ChunkInfo, bytes | None]:
-        """Location and digest of one chunk of a Nydus blob."""
-        blob = self.blobs[blob_index]
-        infos = self._meta.infos.get(blob_index)
-        if infos is None:
-            e = self.chunk_table().get((blob_index, ci_index))
-            if e is not None:
-                info = bm.ChunkInfo(e.compressed_offset, e.compressed_size, e.uncompressed_offset,
-                                    e.uncompressed_size, bool(e.flags & 1))
-                self._check_info(blob, info)
-                return info, e.digest
-            if source is None:
-                raise BadImage(f"blob {blob.blob_id}: chunk {ci_index} is not in the chunk table "
-                               "and no blob source was given to read blob.meta")
-            infos = self.load_blob_meta(blob, source)
-        if ci_index >= len(infos):
-            raise BadImage(f"blob {blob.blob_id}: no chunk info for chunk {ci_index}")
-        digest = None
-        digests = self._meta.digests.get(blob_index)
-        if digests is None and source is not None and blob_index not in self._meta.digests:
-            digests = self.load_blob_digests(blob, source)
-        if digests:
-            digest = bytes(digests[ci_index * 32:(ci_index + 1) * 32])
-        else:
-            e = self.chunk_table().get((blob_index, ci_index))
-            digest = e.digest if e is not None else None
-        return infos[ci_index], digest
-
-    def _check_info(self, blob: BlobInfo, info: bm.ChunkInfo) -> None:
-        if info.uncompressed_size > bm.MAX_CHUNK_SIZE or info.compressed_size > bm.MAX_CHUNK_SIZE:
-            raise BadImage(f"blob {blob.blob_id}: chunk larger than 16 MiB")
-        if blob.uncompressed_size and info.uncompressed_offset + info.uncompressed_size > round_up(
-                blob.uncompressed_size, 4096):
-            raise BadImage(f"blob {blob.blob_id}: chunk beyond the blob's uncompressed size")
-        if blob.compressed_size and info.compressed_offset + info.compressed_size > blob.compressed_size:
-            raise BadImage(f"blob {blob.blob_id}: chunk beyond the blob's compressed size")
-        if not info.compressed and info.compressed_size != info.uncompressed_size:
-            raise BadImage(f"blob {blob.blob_id}: uncompressed chunk with mismatched sizes")
-
-    def load_blob_meta(self, blob: BlobInfo, source: ChunkSource) -> list[bm.ChunkInfo]:
-        """Read and validate a blob's chunk-info array (blob.meta) through ``source``."""
-        from .compression import CorruptChunk, decompress
-
-        cached = self._meta.infos.get(blob.index)
-        if cached is not None:
-            return cached
-        if blob.features & bt.FEAT_UNSUPPORTED:
-            raise BadImage(f"blob {blob.blob_id}: unsupported blob features 0x{blob.features:x}")
-        esize = bm.CI_V2_SIZE if blob.ci_v2 else bm.CI_V1_SIZE
-        if not blob.ci_compressed_size or blob.ci_uncompressed_size != blob.chunk_count * esize:
-            raise BadImage(f"blob {blob.blob_id}: chunk-info array size does not match its chunk count")
-        if blob.ci_compressed_size > blob.ci_uncompressed_size + 4096 or blob.ci_uncompressed_size > 1 << 30:
-            raise BadImage(f"blob {blob.blob_id}: implausible chunk-info sizes")
-        if blob.compressed_size and blob.ci_offset + blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE \
-                > blob.compressed_size:
-            raise BadImage(f"blob {blob.blob_id}: blob.meta lies beyond the end of the blob")
-        raw = source.read_raw(blob, blob.ci_offset, blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE)
-        if len(raw) != blob.ci_compressed_size + bm.BLOB_META_HEADER_SIZE:
-            raise BadImage(f"blob {blob.blob_id}: blob.meta is truncated")
-        hdr = bm.BlobMetaHeader.unpack_from(raw, blob.ci_compressed_size)
-        if (hdr.magic, hdr.magic2) != (bm.BLOB_META_MAGIC, bm.BLOB_META_MAGIC) or hdr.ci_entries != blob.chunk_count \
-                or hdr.ci_offset != blob.ci_offset or hdr.ci_compressed_size != blob.ci_compressed_size \
-                or hdr.ci_uncompressed_size != blob.ci_uncompressed_size:
-            raise BadImage(f"blob {blob.blob_id}: blob.meta header does not match the blob table")
-        data = raw[:blob.ci_compressed_size]
-        if blob.ci_compressor != bt.COMPRESSOR_NONE:
-            try:
-                data = decompress(blob.ci_compressor, data, blob.ci_uncompressed_size)
-            except CorruptChunk as e:
-                raise BadImage(f"blob {blob.blob_id}: chunk-info array: {e}") from None
-        infos = []
-        for i in range(blob.chunk_count):
-            if blob.ci_v2:
-                info, flags = bm.decode_v2(data, i * esize)
-                if flags & (bm.CI_V2_ZRAN | bm.CI_V2_BATCH | bm.CI_V2_ENCRYPTED):
-                    raise BadImage(f"blob {blob.blob_id}: ZRAN/batch/encrypted chunks are not supported")
-            else:
-                info = bm.decode_v1(data, i * esize)
-            self._check_info(blob, info)
-            infos.append(info)
-        self._meta.infos[blob.index] = infos
-        return infos
-
-    def load_blob_toc(self, blob: BlobInfo, source: ChunkSource) -> list[TocEntry]:
-        """The blob's ToC (empty if it has none).  Its sha256 is checked against the blob table."""
-        import hashlib
-
-        if not blob.toc_size or not blob.features & bt.FEAT_HAS_TOC:
-            return []
-        if blob.toc_size < 512 or (blob.toc_size - 512) % TOC_ENTRY_SIZE or blob.toc_size > 1 << 20 \
-                or blob.compressed_size < blob.toc_size or blob.compressed_size > 1 << 40:
-            raise BadImage(f"blob {blob.blob_id}: malformed ToC size {blob.toc_size}")
-        raw = source.read_raw(blob, blob.compressed_size - blob.toc_size, blob.toc_size)
-        if len(raw) != blob.toc_size:
-            raise BadImage(f"blob {blob.blob_id}: ToC is truncated")
-        if any(blob.toc_digest) and hashlib.sha256(raw).digest() != blob.toc_digest:
-            raise BadImage(f"blob {blob.blob_id}: ToC digest mismatch")
-        return [TocEntry.unpack_from(raw, i * TOC_ENTRY_SIZE) for i in range((blob.toc_size - 512) // TOC_ENTRY_SIZE)]
-
-    def load_blob_digests(self, blob: BlobInfo, source: ChunkSource) -> bytes | None:
-        """The blob's inlined chunk digest array (blob.digest), if it has one."""
-        if blob.index in self._meta.digests:
-            return self._meta.digests[blob.index]
-        digests = None
-        if blob.features & bt.FEAT_INLINED_CHUNK_DIGEST:
-            for e in self.load_blob_toc(blob, source):
-                if e.section == b"blob.digest":
-                    if e.uncompressed_size != blob.chunk_count * 32 or e.compressed_size != e.uncompressed_size:
-                        raise BadImage(f"blob {blob.blob_id}: blob.digest has the wrong size")
-                    digests = source.read_raw(blob, e.compressed_offset, e.compressed_size)
-                    if len(digests) != e.compressed_size:
-                        raise BadImage(f"blob {blob.blob_id}: blob.digest is truncated")
-        self._meta.digests[blob.index] = digests
-        return digests
-
-    def blob_chunks(self, blob: BlobInfo, offset: int, size: int, source: ChunkSource | None) -> list[ChunkRef]:
-        """The chunks of Nydus blob ``blob`` whose uncompressed bytes overlap [offset, offset+size) of the blob's
-        uncompressed address space (chunk i at its uncompressed offset: how the kernel addresses a blob device),
-        in offset order, with their digests."""
-        starts, cis = self._blob_layout(blob, source)
-        out: list[ChunkRef] = []
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
-        end = offset + size
-        while i < len(starts) and starts[i] < end:
-            ref = self.chunk_ref(blob.index, cis[i], source)
-            if ref.info.uncompressed_offset + ref.info.uncompressed_size > offset:
-                out.append(ref)
-            i += 1
-        return out
-
-    def _blob_layout(self, blob: BlobInfo, source: ChunkSource | None) -> tuple[list[int], list[int]]:
-        """(sorted uncompressed offsets, chunk-info index of each) of one Nydus blob; distinct offsets only."""
-        layout = self._meta.layouts.get(blob.index)
-        if layout is None:
-            if not blob.nydus:
-                raise BadImage(f"device {blob.index + 1} is not a Nydus blob: it has no chunk information")
-            table = [(e.uncompressed_offset, ci) for (b, ci), e in self.chunk_table().items() if b == blob.index]
-            if not table:
-                if source is None:
-                    raise BadImage(f"blob {blob.blob_id}: no chunk table and no blob source to read blob.meta")
-                table = [(info.uncompressed_offset, ci)
-                         for ci, info in enumerate(self.load_blob_meta(blob, source))]
-            seen: dict[int, int] = {}
-            for start, ci in sorted(table):
-                seen.setdefault(start, ci)
-            layout = (list(seen), list(seen.values()))
-            self._meta.layouts[blob.index] = layout
-        return layout
 
     # ------------------------------------------------------------------ reading file data
     def read(self, ino: Inode, offset: int, size: int, source: ChunkSource | None) -> bytes:
-        """Bytes [offset, offset+size) of a regular file (short at EOF)."""
+        """Bytes [offset, offset+size) of a regular file (short at EOF): :meth:`map_range`, then ``source``
+        reads the slices (:meth:`rafsfs.storage.source.ChunkSource.read`)."""
         slices = self.map_range(ino, offset, size, source)
-        if not slices:
-            return b""
-        parts: list[bytes] = []
-        by_blob: dict[int, list[ChunkRef]] = {}
-        for s in slices:
-            if s.chunk.blob_index >= 0:
-                lst = by_blob.setdefault(s.chunk.blob_index, [])
-                if s.chunk not in lst:
-                    lst.append(s.chunk)
-        data: dict[tuple[int, int], bytes] = {}
-        pieces: dict[int, bytes] = {}  # id(slice) -> bytes, from sources that read parts of chunks
-        read_slices = getattr(source, "read_slices", None)
-        for bidx, refs in by_blob.items():
-            if source is None:
-                raise BadImage("file data lives in a blob, but no blob source was given")
-            if read_slices is not None:
-                mine = [s for s in slices if s.chunk.blob_index == bidx]
-                for s, piece in zip(mine, read_slices(self, self.blobs[bidx], mine)):
-                    pieces[id(s)] = piece
-                continue
-            for ref, chunk in zip(refs, source.read_chunks(self, self.blobs[bidx], refs)):
-                data[(bidx, ref.info.uncompressed_offset)] = chunk
-        for s in slices:
-            ref = s.chunk
-            if ref.blob_index == HOLE:
-                parts.append(bytes(s.length))
-            elif ref.blob_index == BOOTSTRAP:
-                parts.append(bytes(self._bytes(ref.info.uncompressed_offset + s.offset, s.length, "file data")))
-            elif id(s) in pieces:
-                parts.append(pieces[id(s)])
-            else:
-                chunk = data[(ref.blob_index, ref.info.uncompressed_offset)]
-                parts.append(chunk[s.offset:s.offset + s.length])
-        return b"".join(parts)
+        if source is not None:
+            return source.read(self.blobs, slices, self._local_slice)
+        if any(s.chunk.blob_index >= 0 for s in slices):
+            raise BadImage("file data lives in a blob, but no blob source was given")
+        return b"".join(bytes(s.length) if s.chunk.blob_index == HOLE else self._local_slice(s) for s in slices)
+
+    def _local_slice(self, s: ChunkSlice) -> bytes:
+        """The bytes of a slice stored in the image itself."""
+        return bytes(self._bytes(s.chunk.info.uncompressed_offset + s.offset, s.length, "file data"))
 
     def walk(self, start: int | None = None) -> Iterator[tuple[bytes, Inode]]:
         """Every path (bytes, '/'-rooted) with its inode, depth first.  Each directory is visited once: a directory

@@ -5,29 +5,28 @@
     rafsfs-nydusd --version
 
 nydusd's JSON config (``device.backend``/``device.cache``, ``digest_validate``, ...) names the blob backend and cache
-work dir; the blobs are the ones the bootstrap's blob table names.  The image is mounted read-only with FUSE at
-``--mountpoint``; the daemon API on ``--apisock`` reports ``INIT`` until the mount is in place and then ``RUNNING``.
+work dir; the blobs are the ones the bootstrap's blob table names.  The image is mounted read-only at
+``--mountpoint`` in the best mode the machine has: ``$RAFSFS_NYDUSD_MODE`` = ``auto`` (the default: fanotify where the
+kernel and the cache directory allow it, else FUSE), ``fanotify`` or ``fuse``; the daemon API on ``--apisock`` reports ``INIT`` until the mount is in place and then ``RUNNING``.
 SIGTERM (what the snapshotter sends) or ``PUT /api/v1/daemon/exit`` unmounts and exits 0.  Flags nydusd has and this
 daemon does not need (``--thread-num``, ``--log-rotation-size``, ``--id``, ``--supervisor``, ...) are accepted; unknown
 ones are logged and ignored, as nydus-snapshotter's newer versions may pass more.
 
-Like ``rafsfs.cli``, this is a front end: it composes the core with ``fuse_backend``.
+Like ``rafsfs.cli``, this is a front end: it composes the core with a mode (``rafsfs.commands.mount`` chooses it)
+in one :class:`rafsfs.daemon.MountSession`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import secrets
-import signal
-import string
 import sys
 import traceback
+from collections.abc import Callable
 
 from . import __version__
-from .api import DaemonState, build_info
-from .api.server import DaemonHooks, MountEntry, serve_api
-from .errors import RafsError
+from .api import build_info
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, RafsError, exit_status
 
 log = logging.getLogger("rafsfs.nydusd")
 
@@ -45,8 +44,11 @@ def version_text() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rafsfs-nydusd", description="nydusd-compatible daemon: serves a RAFS v6 image over FUSE with the "
-                                          "nydusd HTTP API (rafsfs " + __version__ + ")")
+        prog="rafsfs-nydusd", description="nydusd-compatible daemon: serves a RAFS v6 image (FUSE, or the kernel's "
+                                          "EROFS filled on fanotify events) with the nydusd HTTP API (rafsfs "
+                                          + __version__ + ")",
+        epilog="Environment: RAFSFS_NYDUSD_MODE=auto|fanotify|fuse chooses how 'fuse' mounts are served (default "
+               "auto: fanotify where the kernel and the cache directory allow it, else FUSE).")
     p.add_argument("-V", "--version", action="store_true", help="print build information and exit")
     p.add_argument("--config", metavar="FILE", help="nydusd JSON config (backend and cache)")
     p.add_argument("--bootstrap", metavar="FILE", help="RAFS v6 bootstrap to mount")
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fscache-tag", metavar="TAG", help="singleton: the cachefiles tag")
     p.add_argument("--upgrade", action="store_true", help="hot upgrade (not supported)")
     # accepted because nydus-snapshotter passes them; this daemon does not need them
-    for flag in ("--thread-num", "--log-rotation-size", "--supervisor", "--prefetch-files", "--failover-policy",
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="file listing image paths to prefetch (one per line), or the paths separated by commas")
+    for flag in ("--thread-num", "--log-rotation-size", "--supervisor", "--failover-policy",
                  "--virtual-mountpoint", "--fscache-threads", "--sock"):
         p.add_argument(flag, metavar="X", help=argparse.SUPPRESS)
     for flag in ("--readonly", "--writable"):
@@ -80,142 +84,37 @@ def _setup_logging(level: str, log_file: str | None) -> None:
     root.setLevel(_LEVELS[level])
 
 
-def _daemon_id(args: argparse.Namespace) -> str:
-    if args.id:
-        return args.id
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(20))
-
-
 HOLD_INIT = 30.0  # seconds a state query may wait for the mount (the snapshotter's HTTP timeout is 30 s)
+MODE_ENV = "RAFSFS_NYDUSD_MODE"  # fuse | fanotify | auto (default): how the 'fuse' subcommand serves the image
 
 
 def run_fuse_daemon(args: argparse.Namespace) -> int:
     """Mount ``--bootstrap`` at ``--mountpoint`` and serve it (and the API) until SIGTERM or unmount.
 
-    The API socket comes first, before the heavy imports and the image: nydus-snapshotter gives the socket 10 s to
-    appear but RUNNING only 2 s after that; a state query made while the daemon is still INIT is answered as soon as
-    the mount is complete (or the daemon DIED)."""
+    With a registry backend and a cache the chunk source is built once the mount is up (``deferred``): the
+    snapshotter waits for RUNNING, and the registry source (an HTTP stack to import, a probe round trip per blob) is
+    built while the runtime sets the container up; a state query made while the daemon is still INIT is answered
+    as soon as the mount is complete (or the daemon DIED)."""
+    from .commands.mount import SESSION_MODES, MountRequest, runner_for, select_mode  # composes the backends
+    from .config import load_config
+    from .daemon import MountSession, MountSpec
+
     if not args.bootstrap or not args.mountpoint:
         raise RafsError("fuse mode needs --bootstrap FILE and --mountpoint DIR")
     if args.upgrade:
         raise RafsError("--upgrade (hot upgrade with state takeover) is not supported by rafsfs")
-    daemon_id = _daemon_id(args)
-    mountpoint = os.path.realpath(args.mountpoint)
-    hooks = DaemonHooks(on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM),  # the FUSE loop unmounts on SIGTERM
-                        mounts=[MountEntry(mountpoint="/", bootstrap=os.path.abspath(args.bootstrap))])
-    with serve_api(args.apisock, daemon_id, hooks, hold_init=HOLD_INIT) as api:
-        try:
-            _serve_fuse(args, mountpoint, hooks, ready=api.running if api is not None else None)
-        except BaseException:
-            if api is not None:
-                api.set_state(DaemonState.DIED)
-            raise
-    log.info("daemon %s stopped", daemon_id)
-    return 0
-
-
-def _serve_fuse(args: argparse.Namespace, mountpoint: str, hooks: DaemonHooks, ready) -> None:
-    from fuse_backend.mount import prepare_reads, preflight, run_fuse  # the front end composes the backend
-
-    from .config import load_config
-    from .image import RafsImage
-    from .storage.open import source_from_config
-    from .tools import require_source
-
-    preflight(mountpoint)
     cfg = load_config(args.config) if args.config else None
-    paths = _prefetch_paths(args.prefetch_files)  # bad input stops the daemon here, in one line
-    image = RafsImage.open(args.bootstrap)
-    prefetchers: list = []
-    image_in_use = False
-    try:
-        source = None
-        deferred = None
-        if cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none":
-            # the snapshotter waits for RUNNING: the registry source (an HTTP stack to import, a probe round trip
-            # per blob) is built while the runtime sets the container up, and a failed probe is logged.  What can
-            # fail without the network is checked now.
-            from .storage.deferred import DeferredCache
-
-            try:
-                os.makedirs(cfg.cache.work_dir, exist_ok=True)
-            except OSError as e:
-                raise RafsError(f"cannot create cache directory {cfg.cache.work_dir}: {e.strerror}") from None
-
-            def build(metrics):
-                cache = source_from_config(cfg, metrics)
-                try:
-                    prepare_reads(image, cache)  # before the first read is served: it waits for this
-                except RafsError as e:  # the mount stays up (the snapshotter waits for it); reads say it again
-                    log.error("%s", e)
-                return cache
-
-            source = deferred = DeferredCache(build)
-            deferred.after_build.append(lambda cache: prefetchers.append(_start_prefetch(paths, image, cache, cfg)))
-        elif cfg is not None:
-            source = source_from_config(cfg)
-        try:
-            require_source(image, source)
-            if source is not None and cfg is not None:
-                hooks.metrics = source.metrics.snapshot
-                hooks.backend_type = cfg.backend.type
-                hooks.work_dir = cfg.cache.work_dir if cfg.cache.type != "none" else ""
-            if deferred is None:
-                prefetchers.append(_start_prefetch(paths, image, source, cfg))
-                on_ready = ready
-            else:
-                def on_ready() -> None:
-                    if ready is not None:
-                        ready()
-                    deferred.start()
-            log.info("mounting %s on %s (fuse)", args.bootstrap, mountpoint)
-            try:
-                run_fuse(image, source, mountpoint, fsname="rafsfs", ready=on_ready, eager=deferred is None)
-            finally:
-                if deferred is not None:
-                    deferred.seal()  # no prefetcher starts after this
-                for prefetcher in prefetchers:
-                    if prefetcher is not None:
-                        prefetcher.stop()
-        finally:
-            if deferred is not None:
-                image_in_use = not deferred.close()  # a build still running uses the image
-            elif source is not None:
-                source.close()
-    finally:
-        if not image_in_use:
-            image.close()
-
-
-def _prefetch_paths(value: str | None) -> list[str]:
-    """nydusd's ``--prefetch-files``: a file listing paths (one per line), or the paths themselves, separated by
-    commas or whitespace."""
-    if not value:
-        return []
-    if os.path.isfile(value):
-        with open(value, "rb") as f:
-            words = [os.fsdecode(w.strip()) for w in f.read().splitlines()]
-    else:
-        words = value.replace(",", " ").split()
-    paths = [w for w in words if w and not w.startswith("#")]
-    for p in paths:
-        if not p.startswith("/"):
-            raise RafsError(f"--prefetch-files: {p!r} is not an absolute path in the image")
-    return paths
-
-
-def _start_prefetch(paths: list[str], image, source, cfg):
-    """Background prefetch as nydusd does it: ``fs_prefetch.enable`` reads the image's prefetch table,
-    ``fs_prefetch.prefetch_all`` then every blob; ``--prefetch-files`` adds ``paths``.  Always behind on-demand
-    reads."""
-    from .storage.cache.prefetch import plan_for, start_prefetch
-
-    pf = cfg.prefetch if cfg is not None else None
-    if source is None or not (paths or (pf is not None and pf.enable)):
-        return None
-    plan, threads = plan_for(pf, paths)
-    return start_prefetch(image, source, plan, threads)
+    cache_dir = cfg.cache.work_dir if cfg is not None and cfg.cache.type != "none" else None
+    mode = select_mode(os.environ.get(MODE_ENV, "auto"), MountRequest(cache_dir=cache_dir, options=()),
+                       SESSION_MODES, what=MODE_ENV)
+    deferred = cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
+    spec = MountSpec(bootstrap=args.bootstrap, mountpoint=args.mountpoint, config=cfg,
+                     source_mode="deferred" if deferred else "eager", apisock=args.apisock,
+                     prefetch=args.prefetch_files, daemon_id=args.id, api_mountpoint="/", hold_init=HOLD_INIT)
+    with MountSession(spec, runner_for(mode)) as session:
+        session.serve()
+    log.info("daemon %s stopped", session.daemon_id)
+    return 0
 
 
 def run_singleton(args: argparse.Namespace) -> int:
@@ -245,26 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.thread_num:
         log.debug("--thread-num %s ignored: the FUSE backend sizes its own worker pool", args.thread_num)
     try:
-        if mode == "fuse":
-            return run_fuse_daemon(args)
-        if mode == "singleton":
-            return run_singleton(args)
-        raise RafsError(f"{mode} mode is not supported by rafsfs (use fuse)")
-    except KeyboardInterrupt:
-        return 130
-    except (RafsError, OSError) as e:
-        text = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, OSError) and e.filename is not None:
-            text = f"{e.filename}: {e.strerror}"
-        log.error("%s", text)
-        if args.log_file:  # the snapshotter logs our stderr; say it there too
-            sys.stderr.write(f"rafsfs-nydusd: error: {text}\n")
-        return 1
-    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback only at debug level
-        log.error("internal error: %s: %s", type(e).__name__, e)
-        if args.log_level in ("debug", "trace"):
+        run = RUNS.get(mode)
+        if run is None:
+            raise RafsError(f"{mode} mode is not supported by rafsfs (use fuse)")
+        return run(args)
+    except (Exception, KeyboardInterrupt) as e:
+        status = exit_status(e)
+        if status.code == EXIT_INTERRUPTED:
+            return status.code
+        log.error("%s", status.text if status.kind == "error" else status.line)
+        if status.code == EXIT_INTERNAL and args.log_level in ("debug", "trace"):
             traceback.print_exc()
-        return 70
+        if args.log_file:  # the snapshotter logs our stderr; say it there too
+            sys.stderr.write(f"rafsfs-nydusd: {status.line}\n")
+        return status.code
+
+
+RUNS: dict[str, Callable[[argparse.Namespace], int]] = {"fuse": run_fuse_daemon, "singleton": run_singleton}
 
 
 if __name__ == "__main__":

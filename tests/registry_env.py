@@ -11,6 +11,7 @@ The API, all of it::
         reg.admin_session(repo)                                  # requests.Session with pull+push on repo
         reg.blob_path(digest)                                    # the stored blob file (to corrupt it)
         reg.token_server.hits                                    # token requests (auth="token")
+        with reg.fault_proxy() as px:                            # a proxy tests make misbehave (fault_proxy.py)
         with reg.counting_proxy() as px:                         # a plain-HTTP proxy in front of it that
             cfg = reg.nydusd_config(repo, work_dir, host=px.host)  # records each request's Range header:
             px.blob_gets(digest, overlapping=(start, end))       # GETs whose range overlaps [start, end)
@@ -452,6 +453,16 @@ class Registry:
             yield px
         finally:
             px.close()
+
+    @contextlib.contextmanager
+    def fault_proxy(self) -> Iterator["FaultProxy"]:
+        """A :class:`fault_proxy.FaultProxy` in front of this registry (plain HTTP only), closed when the block
+        ends."""
+        from fault_proxy import FaultProxy
+
+        assert not self.tls, "the fault proxy speaks plain HTTP"
+        with FaultProxy(self.port) as px:
+            yield px
 
     def blob_path(self, digest: str) -> Path:
         """The stored file of a blob in the registry's filesystem storage."""

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -369,7 +370,7 @@ def test_nydusd_prefetch(image, tmp_path, how):
                                  "--apisock", sock, *extra), env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: sock.exists() or p.poll() is not None, what="the API socket")
-        c = ApiClient(str(sock))
+        c = ApiClient(str(sock), timeout=60)  # a state query is held while INIT (up to 30 s)
         want = 8 if how == "fs_prefetch" else 4  # 300,000 + 200,000 + 5,000 bytes in 64K chunks / b.bin alone
         _wait(lambda: c.cache_metrics().get("prefetched_chunks", 0) >= want, what="prefetch")
         assert c.daemon_info()["state"] == "RUNNING"  # prefetch may finish before the mount is up: wait for it
@@ -383,3 +384,79 @@ def test_nydusd_prefetch(image, tmp_path, how):
         p.wait(30)
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
+
+
+# ---------------------------------------------------------------------------------------------- review low items
+def test_distinct_mountpoints_never_share_a_socket_or_log():
+    """L7: '/mnt/a/b' and '/mnt/a_b' used to map to one socket (the second daemon then failed) and one log."""
+    paths = ["/mnt/a/b", "/mnt/a_b", "/mnt/a%5Fb", "/mnt/a-b", "/", "/root", "/mnt/a b", "/mnt/" + "d" * 200,
+             "/mnt/" + "e" * 200]
+    socks = [default_apisock(p) for p in paths]
+    assert len(set(socks)) == len(paths), socks
+
+    from rafsfs.daemonize import default_log_file  # what rafsfs mount logs to
+
+    logs = [default_log_file(p) for p in paths]
+    assert len(set(logs)) == len(paths), logs
+    for s in socks + logs:
+        assert os.path.dirname(s) == "/run/rafsfs" and "/" not in os.path.basename(s) and len(s) < 108
+
+
+def test_api_socket_is_never_open_to_others(tmp_path):
+    """L11: the socket used to be chmod'ed after bind(), so a daemon started with umask 0 had a moment in which
+    anyone could connect; now it is created 0600."""
+    from rafsfs.api import server as srv
+
+    modes = []
+    bind = srv._UnixHTTPServer.server_bind
+
+    def watched_bind(self):
+        bind(self)
+        modes.append(stat.S_IMODE(os.stat(self.server_address).st_mode))  # the moment right after bind
+
+    old = os.umask(0)
+    try:
+        srv._UnixHTTPServer.server_bind = watched_bind
+        server = ApiServer(str(tmp_path / "s.sock"), "id").start()
+    finally:
+        srv._UnixHTTPServer.server_bind = bind
+        os.umask(old)
+    try:
+        assert modes == [0o600] and stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+        assert os.umask(old) == old  # the process umask is as it was
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("mode, words", [("fanotify", "RAFSFS_NYDUSD_MODE fanotify is not available"),
+                                         ("fscache", "RAFSFS_NYDUSD_MODE fscache is not supported here")])
+def test_nydusd_forced_mode_that_cannot_work_is_one_line(image, tmp_path, mode, words):
+    """rafsfs-nydusd picks its mode where rafsfs mount does; a forced one that cannot serve (fanotify without a
+    cache, or fscache, which is the singleton daemon's) is one ERROR line, before any socket."""
+    d, _ = image
+    (tmp_path / "mnt").mkdir()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(d / "blobs")}},
+                                          "cache": {"type": "none"}}}))
+    p = subprocess.run(_nydusd("fuse", "--config", cfg, "--bootstrap", d / "img.boot", "--mountpoint",
+                               tmp_path / "mnt", "--apisock", tmp_path / "api.sock"),
+                       capture_output=True, text=True, env=dict(_env(), RAFSFS_NYDUSD_MODE=mode), timeout=60)
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
+    assert p.returncode == 1 and len(errors) == 1 and words in errors[0], p.stderr
+    assert not (tmp_path / "api.sock").exists()
+
+
+def test_a_backend_adds_its_own_routes(tmp_path):
+    """DaemonHooks.routes: a backend's own API (fscache's v2 blob routes) without editing the server."""
+    seen = []
+    hooks = DaemonHooks(routes={("PUT", "/api/v2/blobs"): lambda q, b: seen.append(b) or {"ok": True},
+                                ("GET", "/api/v2/extra"): lambda q, b: None})
+    server = ApiServer(str(tmp_path / "s.sock"), "id", hooks).start()
+    try:
+        c = ApiClient(str(tmp_path / "s.sock"))
+        assert c.request("PUT", "/api/v2/blobs", {"blob_id": "x"}) == {"ok": True} and seen == [{"blob_id": "x"}]
+        assert c.get("/api/v2/extra") is None
+        with pytest.raises(ApiError, match="405|not allowed"):
+            c.request("POST", "/api/v2/extra")
+    finally:
+        server.close()

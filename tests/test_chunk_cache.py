@@ -15,6 +15,7 @@ from rafsfs.image import RafsImage
 from rafsfs.storage.backend.base import BlobRef
 from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache import chunk_cache
+from rafsfs.storage.cache.blob_file import DATA_SUFFIX, MAP_SUFFIX, entries_of, ready_map
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 
 
@@ -191,7 +192,7 @@ def test_size_cap_evicts_idle_blobs_lru_never_in_use(two_images, tmp_path):
     cache_a = _fill(a, blobs, work, max_size=3 << 20)
     # a is open (in use): filling b pushes the directory over the cap, but a must stay
     cache_b = _fill(b, blobs, work, max_size=3 << 20)
-    names = {e.name: e for e in list_entries(str(work))}
+    names = {e.blob_id: e for e in list_entries(str(work))}
     assert set(names) == {ida, idb} and all(e.in_use for e in names.values())
     assert usage(str(work)) > 3 << 20
     cache_a.close()
@@ -201,8 +202,8 @@ def test_size_cap_evicts_idle_blobs_lru_never_in_use(two_images, tmp_path):
     cache_b2 = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(work), max_size=3 << 20))
     img_b = RafsImage.open(str(b))
     data = img_b.read(img_b.resolve("/data"), 0, 4096, cache_b2)
-    assert [e.name for e in list_entries(str(work))] == [idb]
-    assert not (work / f"{ida}.blob.data").exists()
+    assert [e.blob_id for e in list_entries(str(work))] == [idb]
+    assert not entries_of(str(work), ida)
     assert len(data) == 4096 and cache_b2.metrics.snapshot()["evicted_blobs"] == 1
     cache_b2.close()
 
@@ -366,7 +367,13 @@ def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     img = RafsImage.open(str(tmp_path / "boot"))
     blob = img.blobs[0]
-    map_path = work / f"{blob.blob_id}.chunk_map"
+
+    def map_path():
+        names = entries_of(str(work), blob.blob_id)
+        return work / (names[0] + MAP_SUFFIX) if names else work / "none"
+
+    def ready_bytes() -> bytes:
+        return (ready_map(str(map_path())) or b"") if map_path().exists() else b""
     kills = 0
     for attempt in range(6):
         dest = tmp_path / f"out{attempt}"
@@ -375,25 +382,25 @@ def test_kill_9_during_fill_never_leaves_wrong_bytes(tmp_path):
         # kill once the map shows a random share of the chunks ready: mid-fill, wherever that lands
         target = int(blob.chunk_count * rnd.uniform(0.05, 0.9))
         while p.poll() is None:
-            if map_path.exists() and map_path.read_bytes().count(1) >= target:
+            if ready_bytes().count(1) >= target:
                 p.send_signal(signal.SIGKILL)
                 kills += 1
                 break
             time.sleep(0.002)
         p.wait()
-        ready = map_path.read_bytes() if map_path.exists() else b""
-        if ready.count(1) == blob.chunk_count:
+        if ready_bytes().count(1) == blob.chunk_count:
             break
     assert kills >= 1, "extract finished before any kill: make the image bigger"
-    ready = map_path.read_bytes()
+    ready = ready_bytes()
     assert 0 < ready.count(1)
     # every chunk marked ready has exactly its recorded digest
-    data = (work / f"{blob.blob_id}.blob.data").read_bytes()
+    data = map_path().with_name(map_path().name[:-len(MAP_SUFFIX)] + DATA_SUFFIX).read_bytes()
     checked = 0
     for ci in range(blob.chunk_count):
         if ready[ci] == 1:
-            info, dg = img.chunk_info(blob.index, ci, ChunkCache(LocalFsBackend(str(tmp_path / "blobs")),
-                                                                 CacheOptions(work_dir=str(tmp_path / "c2"))))
+            ref = ChunkCache(LocalFsBackend(str(tmp_path / "blobs")),
+                             CacheOptions(work_dir=str(tmp_path / "c2"))).meta(blob).chunk_ref(ci)
+            info, dg = ref.info, ref.digest
             assert digest(blob.digester, data[info.uncompressed_offset:info.uncompressed_offset
                                               + info.uncompressed_size]) == dg, f"chunk {ci}"
             checked += 1
@@ -462,8 +469,8 @@ def test_map_without_its_data_file_starts_over(image, tmp_path):
     ino = img.resolve("/f1")
     assert img.read(ino, 0, ino.size, cache) == files["/f1"]
     cache.close()
-    blob_id = img.blobs[0].blob_id
-    (work / f"{blob_id}.blob.data").unlink()
+    (name,) = entries_of(str(work), img.blobs[0].blob_id)
+    (work / (name + DATA_SUFFIX)).unlink()
     be = CountingBackend(str(blobs))
     cache = ChunkCache(be, CacheOptions(work_dir=str(work), readahead=0))
     assert img.read(ino, 0, ino.size, cache) == files["/f1"]

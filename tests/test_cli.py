@@ -73,6 +73,32 @@ def test_help_for_every_command():
     assert "--blob-dir DIR" in run_rafsfs_proc("check", "--help").stdout
 
 
+def test_every_command_and_option_has_help():
+    """--help is complete: each subcommand of rafsfs and each option of rafsfs and rafsfs-nydusd says what it does
+    (rafsfs-nydusd's flags kept only for nydusd compatibility are hidden on purpose)."""
+    import argparse
+
+    from rafsfs.cli import build_parser
+    from rafsfs.nydusd import build_parser as nydusd_parser
+
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, name: str) -> None:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in a._choices_actions}
+                for sub, sp in a.choices.items():
+                    if not helps.get(sub):
+                        missing.append(f"{name} {sub}")
+                    walk(sp, f"{name} {sub}")
+            elif a.help is None:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), "rafsfs")
+    walk(nydusd_parser(), "rafsfs-nydusd")
+    assert missing == []
+
+
 @pytest.mark.parametrize("args", [[], ["frob"], ["ls"], ["build", "x", "--bootstrap", "b", "--blob-dir", "d",
                                                          "--chunk-size", "3K"],
                                   ["build", "x", "--bootstrap", "b", "--blob-dir", "d", "--chunk-size", "1X"]])
@@ -428,3 +454,85 @@ def test_config_file_reads_through_the_cache(boot, nydus_fixture, tmp_path):
     direct = run_rafsfs_proc("cat", boot, "/lib.rs", "--blob-dir", nydus_fixture)
     assert via_cfg.returncode == 0 and via_cfg.stdout == direct.stdout and len(direct.stdout) == 16931
     assert any(p.name.endswith(".blob.data") for p in work.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- review low items
+@pytest.mark.parametrize("option", [["--prefetch-files", "/lib.rs"], ["--apisock", "/tmp/x.sock"]])
+def test_fscache_mode_refuses_options_it_would_drop(boot, nydus_fixture, tmp_path, option):
+    """L5: --mode fscache does not take --prefetch-files or --apisock: one line naming the option, whatever the
+    kernel (before, they were dropped silently where fscache works)."""
+    (tmp_path / "mnt").mkdir()
+    line = one_line_error(run_rafsfs_proc("mount", boot, tmp_path / "mnt", "--mode", "fscache", "--foreground",
+                                          "--blob-dir", nydus_fixture, *option))
+    assert "--mode fscache is not available" in line and option[0] in line
+
+
+def test_forced_mode_that_cannot_work_is_one_line(boot, nydus_fixture, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    line = one_line_error(run_rafsfs_proc("mount", boot, tmp_path / "mnt", "--mode", "fanotify", "--foreground",
+                                          "--blob-dir", nydus_fixture))
+    assert "--mode fanotify is not available: " in line
+
+
+def test_missing_optional_dependency_is_one_line_with_the_fix(boot, nydus_fixture, tmp_path):
+    """A FUSE mount without pyfuse3 says what is missing and how to install it (was: internal error,
+    ModuleNotFoundError, exit 70); so does rafsfs-nydusd."""
+    (tmp_path / "mnt").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for module, argv in (("rafsfs.cli", ["mount", str(boot), str(tmp_path / "mnt"), "--mode", "fuse",
+                                         "--foreground", "--blob-dir", str(nydus_fixture)]),
+                         ("rafsfs.nydusd", ["fuse", "--bootstrap", str(boot), "--mountpoint", str(tmp_path / "mnt"),
+                                            "--apisock", str(tmp_path / "api.sock")])):
+        code = ("import sys\nsys.modules['pyfuse3'] = None  # as if it were not installed\n"
+                f"from {module} import main\nsys.exit(main(sys.argv[1:]))\n")
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+        assert len(errors) == 1 and "pyfuse3" in errors[0] and "pip install" in errors[0], p.stderr
+        assert "internal error" not in p.stderr
+        assert not (tmp_path / "api.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the destination to another user")
+@pytest.mark.parametrize("how", ["group-writable", "other-writable", "foreign-owner"])
+def test_extract_refuses_a_dest_others_can_write(boot, nydus_fixture, tmp_path, how):
+    """L6: another user who can write DEST could swap a just-made entry for a symlink before its chmod."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    if how == "foreign-owner":
+        os.chown(dest, 65534, 65534)
+        os.chmod(dest, 0o755)
+    else:
+        os.chmod(dest, 0o770 if how == "group-writable" else 0o707)
+    line = one_line_error(run_rafsfs_proc("extract", boot, dest, "--blob-dir", nydus_fixture))
+    assert ("owned by uid 65534" if how == "foreign-owner" else "writable by group or others") in line
+    assert os.listdir(dest) == []
+
+
+def test_extract_sets_modes_without_following_a_symlink(tmp_path):
+    """L6: if a made entry is replaced by a symlink before its metadata is applied, its mode goes nowhere: the
+    symlink's target keeps its mode (chmod used to follow the link)."""
+    from rafsfs.image import RafsImage
+    from rafsfs.tools.extract import _Extractor
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    os.chmod(tree / "f", 0o4777)
+    image = mkfs(tree, tmp_path / "out.img")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"secret")
+    os.chmod(victim, 0o600)
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o700)
+    os.symlink(victim, dest / "f")  # the swap, between creation and chmod
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with RafsImage.open(str(image)) as im:
+            ex = _Extractor(im, None, str(dest), fd, None)
+            with pytest.raises(Exception):
+                ex._apply_meta(b"", b"f", im.resolve("/f"))
+            ex._drop_parent()
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600

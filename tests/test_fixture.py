@@ -18,7 +18,8 @@ from rafsfs.format import superblock as sbf
 from rafsfs.format.toc import TOC_ENTRY_SIZE, parse_tar_header
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.none import DirectChunkSource
+from rafsfs.storage.meta import fetch_meta, parse_toc, read_digests, read_toc, table_meta
 
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BOOT_SHA256 = "6a1ab377a31df3b1dfe6d3f09b4168f1db66207f77012206ac7b98cb5a42186d"
@@ -99,7 +100,7 @@ def test_every_chunk_matches_its_digest(image, source, nydus_fixture, blob_bytes
     (blob,) = image.blobs
     table = image.chunk_table()
     assert sorted(table) == [(0, 0), (0, 1)]
-    inline_digests = image.load_blob_digests(blob, source)
+    inline_digests = read_digests(blob, source.read_raw, read_toc(blob, source.read_raw))
     assert inline_digests is not None and len(inline_digests) == 2 * 32
     seen = set()
     for path, size in FILES.items():
@@ -125,7 +126,7 @@ def test_every_chunk_matches_its_digest(image, source, nydus_fixture, blob_bytes
 
 def test_blob_id_is_sha256_without_digest_section(image, source, blob_bytes):
     (blob,) = image.blobs
-    (d,) = [e for e in image.load_blob_toc(blob, source) if e.section == b"blob.digest"]
+    (d,) = [e for e in parse_toc(blob, read_toc(blob, source.read_raw)) if e.section == b"blob.digest"]
     without = blob_bytes[:d.compressed_offset] + blob_bytes[d.compressed_offset + d.compressed_size:]
     assert hashlib.sha256(without).hexdigest() == BLOB_ID
     assert hashlib.sha256(blob_bytes).hexdigest() != BLOB_ID
@@ -133,7 +134,7 @@ def test_blob_id_is_sha256_without_digest_section(image, source, blob_bytes):
 
 def test_toc(image, source, blob_bytes):
     (blob,) = image.blobs
-    toc = image.load_blob_toc(blob, source)
+    toc = parse_toc(blob, read_toc(blob, source.read_raw))
     assert [e.section for e in toc] == [b"image.blob", b"blob.meta", b"blob.meta.header", b"blob.digest"]
     # the ToC digest in the blob table is sha256 of the ToC entries plus their tar header, at the blob's end
     assert blob.toc_size == len(toc) * TOC_ENTRY_SIZE + 512
@@ -161,12 +162,14 @@ def test_toc_digest_mismatch_is_detected(image, nydus_fixture, tmp_path, blob_by
     (tmp_path / BLOB_ID).write_bytes(bad)
     from rafsfs.errors import BadImage
     with pytest.raises(BadImage):
-        image.load_blob_toc(image.blobs[0], DirectChunkSource(LocalFsBackend(str(tmp_path))))
+        read_toc(image.blobs[0], DirectChunkSource(LocalFsBackend(str(tmp_path))).read_raw)
 
 
 def test_blob_meta_equals_chunk_table(image, source):
     (blob,) = image.blobs
-    infos = image.load_blob_meta(blob, source)
+    meta = fetch_meta(blob, source.read_raw)  # the blob's own chunk-info array, not the bootstrap's table
+    assert not meta.from_table and meta.digests is not None
+    infos = [meta.chunk_info(i) for i in range(meta.count)]
     table = image.chunk_table()
     assert len(infos) == blob.chunk_count == len(table)
     for i, info in enumerate(infos):
@@ -176,6 +179,9 @@ def test_blob_meta_equals_chunk_table(image, source):
             (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size)
         assert info.compressed == bool(e.flags & 1)
         assert info.uncompressed_offset % 4096 == 0  # ALIGNED
+    # the same chunk table, whichever way it was recorded
+    assert meta.fingerprint() == table_meta(blob).fingerprint()
+    assert meta.fingerprint()[1]  # every chunk has a digest
     # the uncompressed view packs chunks at 4K boundaries, in order
     assert infos[0].uncompressed_offset == 0
     assert infos[1].uncompressed_offset == -(-infos[0].uncompressed_size // 4096) * 4096

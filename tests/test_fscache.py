@@ -205,15 +205,15 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
     with RafsImage.open(str(tmp_path / "zstd.boot")) as img:
         blob = img.blobs[0]
         layout = bytearray(len(plain))
-        chunks = img.blob_chunks(blob, 0, blob.uncompressed_size, source)
+        chunks = source.meta(blob).chunks_at(0, blob.uncompressed_size)
         assert len(chunks) == blob.chunk_count
-        for c, data in zip(chunks, source.read_chunks(img, blob, chunks)):
+        for c, data in zip(chunks, source.read_chunks(blob, chunks)):
             layout[c.info.uncompressed_offset:c.info.uncompressed_offset + len(data)] = data
             assert plain[c.info.uncompressed_offset:c.info.uncompressed_offset + len(data)] == data
         # a range in the middle of a chunk finds that chunk; a range past the data finds nothing
         mid = chunks[1].info.uncompressed_offset + 4096
-        assert [c.ci_index for c in img.blob_chunks(blob, mid, 4096, source)] == [chunks[1].ci_index]
-        assert img.blob_chunks(blob, blob.uncompressed_size + 8192, 4096, source) == []
+        assert [c.ci_index for c in source.meta(blob).chunks_at(mid, 4096)] == [chunks[1].ci_index]
+        assert source.meta(blob).chunks_at(blob.uncompressed_size + 8192, 4096) == []
         # padding after a chunk's last byte, up to the next page, is a gap the daemon fills with zeros
         last = chunks[-1].info
         end = last.uncompressed_offset + last.uncompressed_size
@@ -228,7 +228,7 @@ def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
     from fscache_backend.daemon import _runs
 
     from rafsfs.format.blob_meta import ChunkInfo
-    from rafsfs.image import ChunkRef
+    from rafsfs.blob import ChunkRef
 
     def chunk(ci, off, size):
         return ChunkRef(0, ci, ChunkInfo(off, size, off, size, False)), bytes([ci + 1]) * size

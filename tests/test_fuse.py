@@ -1,7 +1,9 @@
 """FUSE mode with real mounts: the mounted tree equals the source and a kernel EROFS mount of the same image."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import socket
@@ -187,7 +189,7 @@ def test_mount_with_missing_blob_is_one_line(built, tmp_path):
 def test_only_local_data_is_read_on_the_event_loop(tmp_path):
     """Small reads skip the thread pool only when no read can wait on the network."""
     from fuse_backend.mount import data_is_local
-    from rafsfs.storage.open import chunk_source_from_args
+    from rafsfs.storage.factory import chunk_source_from_args
 
     (tmp_path / "blobs").mkdir()
     cfgs = {
@@ -211,15 +213,15 @@ def test_only_local_data_is_read_on_the_event_loop(tmp_path):
 def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
     """Read-ahead windows that straddle chunk boundaries get the second copy of a chunk from memory; the memory
     stays within its byte bound and the bytes are the file's."""
-    from rafsfs.storage.recent import RecentChunks
-    from rafsfs.storage.open import chunk_source_from_args
+    from rafsfs.storage.cache.none import DirectChunkSource
+    from rafsfs.storage.factory import chunk_source_from_args
 
     d, boots = built
     rel = "sizes/size-" + str(3 * (1 << 20) + 12345)
     want = (tricky_src / rel).read_bytes()
     with RafsImage.open(str(boots["zstd"])) as image:
         inner = chunk_source_from_args(str(d / "blobs"), None)
-        memo = RecentChunks(inner, max_bytes=2 << 20)  # two 1 MiB chunks
+        memo = DirectChunkSource(inner.backend, recent_bytes=2 << 20)  # remembers two 1 MiB chunks
         ino = image.resolve(rel)
         got, off = [], 0
         for size in (256 << 10, 512 << 10, 1 << 20, 1 << 20, 1 << 20, 1 << 20):  # a cat's read-ahead windows
@@ -227,8 +229,8 @@ def test_recent_chunks_serve_straddling_reads_from_memory(built, tricky_src):
             off += size
         inner.close()
     assert b"".join(got) == want
-    assert memo.misses == 4 and memo.hits == 4  # each of the 4 chunks fetched once, then reused
-    assert memo._bytes <= 2 << 20
+    assert memo.recent.misses == 4 and memo.recent.hits == 4  # each of the 4 chunks fetched once, then reused
+    assert memo.recent._bytes <= 2 << 20
 
 
 def test_daemon_mode_and_umount(built, tmp_path):
@@ -251,3 +253,50 @@ def test_daemon_mode_and_umount(built, tmp_path):
     else:
         pytest.fail("daemon did not exit after umount")
     assert not is_mounted(mnt)
+
+
+# ---------------------------------------------------------------------------------------------- review low items
+def _local_config(path: Path, blobs: Path, **top) -> Path:
+    path.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                                           "cache": {"type": "none"}}, **top}))
+    return path
+
+
+def test_enable_xattr_false_hides_xattrs(built, tricky_src, tmp_path):
+    """L8: the config's enable_xattr was parsed and ignored; false now hides every xattr: readers get EOPNOTSUPP
+    (the daemon answers ENOSYS, as nydusd does, and the kernel stops asking)."""
+    d, boots = built
+    cfg = _local_config(tmp_path / "cfg.json", d / "blobs", enable_xattr=False)
+    m = FuseMount(boots["zstd"], tmp_path / "mnt", "--config", cfg)
+    try:
+        f = m.mnt / "xattrs" / "user"
+        assert os.listxattr(tricky_src / "xattrs" / "user")  # the image has them
+        for _ in range(2):  # the second time the kernel answers by itself
+            for call in (lambda: os.listxattr(f), lambda: os.getxattr(f, "user.mime_type")):
+                with pytest.raises(OSError) as e:
+                    call()
+                assert e.value.errno == errno.EOPNOTSUPP
+        assert f.read_bytes() == (tricky_src / "xattrs" / "user").read_bytes()
+    finally:
+        m.stop()
+
+
+@pytest.mark.allow_log("No space left on device")
+def test_daemon_errors_reach_readers_as_eio(caplog):
+    """L9: an OSError of the daemon's own (EBADF, EMFILE, ENOSPC on its cache files) used to be forwarded as the
+    reader's errno; it is EIO, and the log keeps the original.  The core's errors keep their own errno."""
+    import pyfuse3
+    from fuse_backend.operations import _fuse_errors, errno_of
+    from rafsfs.errors import CorruptChunk, NoXattr, NotFound
+
+    assert errno_of(NotFound("x")) == errno.ENOENT and errno_of(NoXattr("x")) == errno.ENODATA
+    assert errno_of(CorruptChunk("x")) == errno.EIO
+    for code in (errno.EBADF, errno.EMFILE, errno.ENOSPC, errno.EACCES):
+        assert errno_of(OSError(code, os.strerror(code))) == errno.EIO
+    assert errno_of(ValueError("a bug")) == errno.EIO
+    caplog.set_level(logging.ERROR, logger="fuse_backend")
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        with _fuse_errors("read"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.EIO
+    assert "No space left on device" in caplog.text

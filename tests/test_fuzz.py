@@ -33,7 +33,8 @@ from rafsfs.format.chunk import ChunkTableEntry
 from rafsfs.format.inode import InodeCompact, InodeExtended
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.none import DirectChunkSource
+from rafsfs.storage.meta import fetch_meta
 
 HANG_SECONDS = 10  # signal.alarm guard per example: a hang fails instead of stalling the suite
 READ_WINDOW = 64 << 10  # bytes read at the start, middle and end of each file (sizes may be absurd)
@@ -93,10 +94,9 @@ def exercise(data: bytes, source) -> int:
     attempt(img.chunk_table)
     for blob in img.blobs:
         if source is not None:
-            attempt(img.load_blob_toc, blob, source)
-            attempt(img.load_blob_digests, blob, source)
+            attempt(fetch_meta, blob, source.read_raw)
             if blob.nydus:
-                attempt(img.load_blob_meta, blob, source)
+                attempt(source.meta, blob)
     visited = 0
     stack = [(b"/", img.root_nid, 0)]
     seen_dirs: set[int] = set()

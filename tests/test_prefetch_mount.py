@@ -12,7 +12,8 @@ from test_fuse import FuseMount
 
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.blob_file import MAP_SUFFIX, entries_of, ready_map
+from rafsfs.storage.cache.none import DirectChunkSource
 
 pytestmark = needs_fuse
 
@@ -35,8 +36,8 @@ def img(tmp_path_factory):
 def _ready(d, work, path: str) -> list[bool]:
     image = RafsImage.open(str(d / "boot"))
     blob = image.blobs[0]
-    map_path = work / f"{blob.blob_id}.chunk_map"
-    ready = map_path.read_bytes() if map_path.exists() else b""
+    names = entries_of(str(work), blob.blob_id)
+    ready = (ready_map(str(work / (names[0] + MAP_SUFFIX))) or b"") if names else b""
     src = DirectChunkSource(LocalFsBackend(str(d / "blobs")))
     refs = image.chunks(image.resolve(path), source=src)
     return [c.ci_index < len(ready) and ready[c.ci_index] == 1 for c in refs]

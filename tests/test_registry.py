@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, run_rafsfs_proc
-from registry_env import start_registry
+from registry_env import USER, start_registry
 from test_fuse import FuseMount
 from treeutil import assert_trees_equal, diff_snapshots, format_diffs, snapshot_image, snapshot_tree
 
 from rafsfs.builder import BuildOptions, build
 from rafsfs.config import from_dict
 from rafsfs.image import RafsImage
+from rafsfs.storage.cache.blob_file import MAP_SUFFIX, entries_of, ready_map
 from rafsfs.storage.cache.chunk_cache import FAILURE_MEMORY
-from rafsfs.storage.open import source_from_config
+from rafsfs.storage.factory import source_from_config
 
 MiB = 1 << 20
 REPO = "rafsfs/test"
@@ -338,9 +339,17 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             for i in (0, 1, 2, 4, 5, 6, 7):  # the other files are fine
                 assert (m.mnt / f"small/f{i}").read_bytes() == files[f"/small/f{i}"]
             # the bad chunk is not marked ready in the cache's map
-            chunk_map = (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()
-            assert chunk_map[chunk.ci_index] == 0
-            assert all(chunk_map[ci] == 1 for ci in others.values())
+            (entry,) = entries_of(str(tmp_path / "cache"), digest.split(":")[-1])
+            map_path = str(tmp_path / "cache" / (entry + MAP_SUFFIX))
+
+            def on_disk(ci: int) -> bool:  # map bytes are written just after the data is durable (a moment later)
+                deadline = time.monotonic() + 10
+                while ready_map(map_path)[ci] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return ready_map(map_path)[ci] == 1
+
+            assert all(on_disk(ci) for ci in others.values())
+            assert ready_map(map_path)[chunk.ci_index] == 0
             # the registry is repaired: the chunk is fetched again and served right, on the same mount
             stored.write_bytes(good)
             time.sleep(FAILURE_MEMORY)  # the failure is answered from memory until then
@@ -348,7 +357,7 @@ def test_flipped_byte_in_registry_blob_is_eio_and_never_cached(data_image, tmp_p
             assert before >= 1
             assert (m.mnt / "small/f3").read_bytes() == files["/small/f3"]
             assert len(px.blob_gets(digest, overlapping=span)) == before + 1
-            assert (tmp_path / "cache" / f"{digest}.chunk_map").read_bytes()[chunk.ci_index] == 1
+            assert on_disk(chunk.ci_index)
         finally:
             m.stop()
 
@@ -452,3 +461,91 @@ def test_nydusd_reads_the_registry_and_a_dead_registry_is_eio_not_a_hang(data_im
     errors = [line for line in log2.read_text().splitlines() if " ERROR " in line]
     assert errors and any("cannot read blob" in line for line in errors), log2.read_text()
     assert "Traceback" not in log2.read_text()
+
+
+@needs_fuse
+@pytest.mark.allow_log("cannot read blob", "chunk source")
+def test_nydusd_first_read_with_a_hung_registry_fails_within_seconds(data_image, tmp_path):
+    """H3/L3: the registry accepts connections and never answers (SIGSTOP).  With nydusd's defaults (no timeout
+    keys in the config: 5 s, 5 s, no retries) the mount's blob probe gives up after a few seconds and the first read
+    fails with EIO in about 10 s, not after the probe's and the read's full deadlines (~280 s before)."""
+    boot, blob, files = data_image
+    with start_registry(tmp_path / "reg") as reg:
+        reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "nydusd.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        mnt, log = tmp_path / "mnt", tmp_path / "nydusd.log"
+        reg.pause()
+        try:
+            p = _nydusd_mount(boot, cfg, mnt, tmp_path / "api.sock", log)
+            try:
+                got, took = _timed_read(mnt / "small" / "f3", 0, 4096, limit=40)
+                assert got == errno.EIO, got
+                assert took < 20, took
+                reg.resume()
+                time.sleep(FAILURE_MEMORY)
+                assert (mnt / "small" / "f3").read_bytes() == files["/small/f3"]  # the mount lives on
+            finally:
+                reg.resume()
+                _nydusd_stop(p, mnt)
+        finally:
+            reg.resume()
+    assert "Traceback" not in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- credentials (M6)
+def _read_one(cfg: dict, img: RafsImage, path: str = "/sizes/size-4097") -> bytes:
+    source = source_from_config(from_dict(cfg))
+    try:
+        ino = img.resolve(path)
+        return img.read(ino, 0, 4097, source)
+    finally:
+        source.close()
+
+
+@pytest.mark.allow_log("failed .*trying")
+def test_origin_credentials_go_only_to_the_origin_and_its_realm(tricky_image, tricky_src, tmp_path):
+    """M6: a token registry with credentials and a registry_token, and a mirror in front of it (the fault proxy)
+    that challenges for Basic credentials, names its own token realm, or just passes the registry's challenge on:
+    the mirror sees no Authorization header and its realm no credentials; every read falls back to the origin.
+    With ``auth_through`` the mirror is trusted like the origin and serves the reads itself."""
+    boot, blob = tricky_image
+    img = RafsImage.open(str(boot))
+    want = (tricky_src / "sizes/size-4097").read_bytes()
+    with start_registry(tmp_path / "reg", auth="token") as reg, reg.fault_proxy() as px:
+        ts = reg.token_server
+        reg.push_blob(REPO, blob)
+        for n, (fault, params) in enumerate((("challenge", {"header": 'Basic realm="mirror"'}),
+                                             ("challenge", {"header": f'Bearer realm="{px.url}/token",service="m"',
+                                                            "path": "/"}),
+                                             (None, {}))):
+            px.clear()
+            if fault:
+                px.set(fault, **params)
+            cfg = reg.nydusd_config(REPO, tmp_path / f"cache{n}", cache="none", registry_token="pre-issued",
+                                    mirrors=[{"host": px.url}])
+            assert _read_one(cfg, img) == want
+        assert px.records, "the mirror was never asked"
+        assert all(r["authorization"] is None for r in px.records), [r for r in px.records if r["authorization"]]
+        assert any(r["path"].startswith("/token") for r in px.records)  # the mirror's realm was asked, anonymously
+        assert {h["user"] for h in ts.hits} <= {USER, None}  # the real realm: credentials from the origin only
+
+        # auth_through: the mirror is asked with the origin's credentials and serves the read
+        px.clear()
+        before = len(px.records)
+        cfg = reg.nydusd_config(REPO, tmp_path / "cache-through", cache="none",
+                                mirrors=[{"host": px.url, "auth_through": True}])
+        assert _read_one(cfg, img) == want
+        gets = [r for r in px.records[before:] if r["method"] == "GET" and "/blobs/" in r["path"]]
+        assert gets and gets[-1]["authorization"].startswith("Bearer ")
+
+
+def test_no_credentials_to_a_plain_http_realm_of_an_https_registry(tricky_image, tmp_path):
+    """M6: an HTTPS registry whose token realm is plain HTTP: the credentials are not sent; one-line error."""
+    boot, blob = tricky_image
+    with start_registry(tmp_path / "reg", auth="token", tls=True) as reg:
+        reg.push_blob(REPO, blob)
+        cfg = _write_config(tmp_path / "c.json", reg.nydusd_config(REPO, tmp_path / "cache"))
+        p = run_rafsfs_proc("cat", boot, "/sizes/size-4097", "--config", cfg)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "plain-HTTP token realm" in lines[0], p.stderr
+        assert reg.token_server.hits == []

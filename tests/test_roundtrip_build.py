@@ -24,7 +24,7 @@ import treeutil
 from conftest import erofs_mount, run_rafsfs_proc
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.none import DirectChunkSource
 
 MiB = 1 << 20
 

@@ -25,7 +25,7 @@ from rafsfs.format.inode import LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_F
 from rafsfs.format.xattr import XattrIbodyHeader
 from rafsfs.image import RafsImage
 from rafsfs.storage.backend.localfs import LocalFsBackend
-from rafsfs.storage.direct import DirectChunkSource
+from rafsfs.storage.cache.none import DirectChunkSource
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="mkfs.erofs (erofs-utils) not installed")
 

@@ -52,11 +52,29 @@ class ApiError(RafsError):
         self.status, self.code = status, code
 
 
-def default_apisock(mountpoint: str) -> str:
-    """``/run/rafsfs/<mountpoint with / as _>.sock``; a hash of the path when that is too long for a unix socket."""
-    name = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "root"
-    path = os.path.join(API_SOCKET_DIR, name + ".sock")
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.")
+
+
+def mount_name(mountpoint: str) -> str:
+    """A file name that stands for one mountpoint, and for no other: '/' becomes '_', every byte other than letters,
+    digits and '.' becomes '%XX' (so '/mnt/a_b' is 'mnt_a%5Fb' and '/mnt/a/b' is 'mnt_a_b'); '/' itself is '_'.
+    The path is resolved first.  ('-' is escaped too: hashed names, 'mnt-<hex>', then collide with none.)"""
+    raw = os.fsencode(os.path.realpath(mountpoint)).strip(b"/")
+    if not raw:
+        return "_"
+    return "".join("_" if c == 0x2F else chr(c) if c in _PLAIN else f"%{c:02X}" for c in raw)
+
+
+def runtime_path(mountpoint: str, suffix: str, directory: str = API_SOCKET_DIR) -> str:
+    """``DIRECTORY/<mount_name>SUFFIX``; ``DIRECTORY/mnt-<hash of the path>SUFFIX`` when that is too long for a
+    unix socket."""
+    path = os.path.join(directory, mount_name(mountpoint) + suffix)
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:32]
-        path = os.path.join(API_SOCKET_DIR, f"mnt-{digest}.sock")
+        path = os.path.join(directory, f"mnt-{digest}{suffix}")
     return path
+
+
+def default_apisock(mountpoint: str) -> str:
+    """``/run/rafsfs/<mount_name>.sock`` (see :func:`mount_name`): distinct mountpoints never share a socket."""
+    return runtime_path(mountpoint, ".sock")

@@ -57,6 +57,9 @@ class DaemonHooks:
     bind_blob: Handler | None = None  # PUT /api/v2/blobs (fscache)
     unbind_blob: Handler | None = None  # DELETE /api/v2/blobs?domain_id=&blob_id=
     mounts: list[MountEntry] = field(default_factory=list)
+    # more routes, (method, path) -> handler, answered like the ones above (a backend's own API: fscache's v2 blob
+    # routes); they take precedence over the built-in ones
+    routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -153,17 +156,23 @@ class ApiServer:
             ("PUT", "/api/v2/blobs"): self._hook("bind_blob", "binding fscache blobs"),
             ("DELETE", "/api/v2/blobs"): self._hook("unbind_blob", "unbinding fscache blobs"),
         }
+        for key, handler in self.hooks.routes.items():
+            self._routes[key] = self._answer_with(handler)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> ApiServer:
         """Bind the socket (replacing a stale one left by a dead daemon) and serve in a daemon thread."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o755, exist_ok=True)
         _remove_stale_socket(self.path)
+        # the socket is born 0600 (bind creates it with 0777 & ~umask): no moment in which others may connect.
+        # The umask is process-wide; the API starts before the daemon runs threads that create files.
+        old_umask = os.umask(0o177)
         try:
             server = _UnixHTTPServer(self.path, _Handler)
         except OSError as e:
             raise ApiError(f"cannot listen on API socket {self.path}: {e.strerror or e}") from None
-        os.chmod(self.path, 0o600)
+        finally:
+            os.umask(old_umask)
         server.api = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -248,6 +257,13 @@ class ApiServer:
             handler = getattr(self.hooks, name)
             if handler is None:
                 raise ApiError(f"{what} is not supported by this daemon", 501, "Unsupported")
+            return self._answer_with(handler)(q, b)
+        return fn
+
+    @staticmethod
+    def _answer_with(handler: Handler) -> Callable[[Query, bytes], tuple[int, Json]]:
+        """A route for ``handler``: the body parsed as JSON; its answer 200 with JSON, or 204 when None."""
+        def fn(q: Query, b: bytes) -> tuple[int, Json]:
             answer = handler(q, _json_body(b))
             return (200, answer) if answer is not None else (204, None)
         return fn

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import compression
+from ..atomic import publish
 from ..format import blob_meta as bm
 from ..format import blob_table as bt
 from ..format import toc
@@ -146,11 +147,12 @@ class BlobWriter:
         toc_bytes = b"".join(e.pack() for e in toc_entries)
         toc_tail = toc_bytes + toc.tar_header(toc.SECTION_TOC, len(toc_bytes))
         self._write(toc_tail)
+        self.f.flush()
+        os.fsync(self.f.fileno())  # the bytes are durable before the name that says they are complete
         self.f.close()
         blob_id = self.hash.hexdigest()
         path = os.path.join(self.blob_dir, blob_id)
-        os.chmod(self.tmp_path, 0o644)
-        os.replace(self.tmp_path, path)
+        publish(self.tmp_path, path)
         entry = bt.BlobEntry(
             blob_id=blob_id.encode(), blob_index=0, chunk_size=self.chunk_size, chunk_count=len(self.chunks),
             compression_algo=self.compressor, digest_algo=self.digester, features=FEATURES,

@@ -11,6 +11,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from ..atomic import replacing
 from ..format import blob_table as bt
 from ..format import superblock as sbf
 from ..format.chunk import CHUNK_INDEX_SIZE, ChunkIndex, ChunkTableEntry
@@ -302,7 +303,7 @@ def write_bootstrap(path: str, root: Node, *, chunk_size: int, compressor: int, 
         mapped += round_up(dblocks * BLK, 0x80000) // BLK
     if prefetch_nids:
         buf[prefetch_off:prefetch_off + len(prefetch_bytes)] = prefetch_bytes
-    with open(path, "wb") as f:
+    with replacing(path) as f:  # whole and durable, or the old file (review M5)
         f.write(buf)
     return len(layout.placed)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..blob import MAX_CHUNK_SIZE, ChunkInfo  # noqa: F401  (decoded here; the value types live at the bottom)
 from .record import Record, field
 
 BLOB_META_MAGIC = 0xB10BB10B
 BLOB_META_HEADER_SIZE = 4096
 CI_V1_SIZE = 16
 CI_V2_SIZE = 24
-MAX_CHUNK_SIZE = 16 << 20
 
 CI_V2_COMPRESSED = 0x01
 CI_V2_ZRAN = 0x02
@@ -20,18 +20,6 @@ CI_V2_HAS_CRC32 = 0x10
 
 _V1 = struct.Struct("<QQ")
 _V2 = struct.Struct("<QQQ")
-
-
-@dataclass(frozen=True)
-class ChunkInfo:
-    """Where one chunk lives in its blob: compressed range in the blob file, uncompressed range in the blob's
-    4K-aligned uncompressed view."""
-
-    compressed_offset: int
-    compressed_size: int
-    uncompressed_offset: int
-    uncompressed_size: int
-    compressed: bool
 
 
 def decode_v1(buf, off: int) -> ChunkInfo:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..atomic import replacing
+from ..config import MAX_DEADLINE, RegistryConfig
 from ..errors import RafsError
-from ..storage.backend.registry import RegistryBackend, RegistryConfig
+from ..storage.backend.registry import RegistryBackend
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MAX_MANIFEST = 4 << 20  # bytes; also the cap for image configs
+PULL_RETRIES = 3  # attempts after a failed one, for every request of a pull, convert or push
 
 
 class OciError(RafsError):
@@ -129,9 +131,11 @@ class RegistryClient:
 
     def __init__(self, ref: Reference, *, ca_file: str | None = None, timeout: float = 120.0):
         self.ref = ref
+        # a pull or convert is not a lazy read: a blip is retried, and a large layer may take its time
         self.backend = RegistryBackend(RegistryConfig(host=ref.host, repo=ref.repository, scheme=ref.scheme,
                                                       skip_verify=ref.skip_verify, ca_file=ca_file,
-                                                      timeout=timeout))
+                                                      timeout=timeout, retry_limit=PULL_RETRIES,
+                                                      deadline=MAX_DEADLINE))
         self.base = f"/v2/{ref.repository}"
 
     def close(self) -> None:
@@ -147,13 +151,17 @@ class RegistryClient:
     def get_manifest_raw(self, obj: str) -> tuple[str, bytes, str]:
         """(media type, bytes, digest) of the manifest or index named by a tag or digest."""
         accept = ", ".join([*MANIFEST_TYPES, *INDEX_TYPES])
-        r = self.backend.request("GET", f"{self.base}/manifests/{obj}", {"Accept": accept}, ok=(200, 404),
-                                 stream=True)
-        with r:
+
+        def read(r: Any, deadline: float) -> tuple[int, bytes, str]:
             if r.status_code == 404:
-                raise OciError(f"{self.ref.registry}/{self.ref.repository}:{obj}: manifest not found")
-            raw = _read_capped(r, MAX_MANIFEST, "manifest")
-            mt = r.headers.get("Content-Type", "").split(";")[0].strip()
+                return 404, b"", ""
+            return 200, self._read_capped(r, deadline, MAX_MANIFEST, "manifest"), \
+                r.headers.get("Content-Type", "").split(";")[0].strip()
+
+        status, raw, mt = self.backend.request("GET", f"{self.base}/manifests/{obj}", {"Accept": accept},
+                                               ok=(200, 404), read=read)
+        if status == 404:
+            raise OciError(f"{self.ref.registry}/{self.ref.repository}:{obj}: manifest not found")
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if obj.startswith("sha256:") and obj != digest:
             raise OciError(f"manifest {obj} has digest {digest}")
@@ -192,9 +200,8 @@ class RegistryClient:
     def get_blob_bytes(self, desc: Descriptor, cap: int = MAX_MANIFEST) -> bytes:
         if desc.size > cap:
             raise OciError(f"blob {desc.digest} is {desc.size} bytes, more than the {cap} allowed here")
-        r = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", stream=True)
-        with r:
-            data = _read_capped(r, cap, f"blob {desc.digest}")
+        data = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}",
+                                    read=lambda r, d: self._read_capped(r, d, cap, f"blob {desc.digest}"))
         _verify(data, desc)
         return data
 
@@ -202,21 +209,31 @@ class RegistryClient:
                       progress: Callable[[int], None] | None = None) -> str:
         """Stream a blob into ``dest`` (written atomically, after its digest and size are checked)."""
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        h = hashlib.sha256()
-        n = 0
+        reported = 0  # bytes given to ``progress`` so far: a retried attempt reports only what is new
+
         with replacing(dest) as f:
-            r = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", stream=True)
-            with r:
-                for piece in r.iter_content(1 << 20):
+
+            def read(r: Any, deadline: float) -> tuple[int, str]:
+                """One attempt: the file starts over, so a body cut short and retried leaves nothing behind."""
+                nonlocal reported
+                f.seek(0)
+                f.truncate()
+                h = hashlib.sha256()
+                n = 0
+                for piece in self.backend.iter_body(r, deadline):
                     n += len(piece)
                     if n > desc.size:
                         raise OciError(f"blob {desc.digest} is longer than its {desc.size} bytes")
                     h.update(piece)
                     f.write(piece)
-                    if progress:
-                        progress(len(piece))
-            if n != desc.size or "sha256:" + h.hexdigest() != desc.digest:
-                raise OciError(f"blob {desc.digest}: got {n} bytes with digest sha256:{h.hexdigest()}")
+                    if progress and n > reported:
+                        progress(n - reported)
+                        reported = n
+                return n, "sha256:" + h.hexdigest()
+
+            n, got = self.backend.request("GET", f"{self.base}/blobs/{desc.digest}", read=read)
+            if n != desc.size or got != desc.digest:
+                raise OciError(f"blob {desc.digest}: got {n} bytes with digest {got}")
         return dest
 
     def blob_exists(self, digest: str) -> bool:
@@ -241,6 +258,14 @@ class RegistryClient:
                              body=body, ok=(201,))
         return True
 
+    def _read_capped(self, r: Any, deadline: float, cap: int, what: str) -> bytes:
+        out = bytearray()
+        for piece in self.backend.iter_body(r, deadline):
+            out += piece
+            if len(out) > cap:
+                raise OciError(f"{what} is larger than {cap} bytes")
+        return bytes(out)
+
     def _same_origin_path(self, location: str) -> str:
         u = urllib.parse.urlsplit(location)
         if u.scheme or u.netloc:
@@ -248,15 +273,6 @@ class RegistryClient:
                 raise OciError(f"upload location {location[:100]!r} is on another host (not supported)")
         path = u.path if u.path.startswith("/") else urllib.parse.urljoin(f"{self.base}/blobs/uploads/", u.path)
         return path + (f"?{u.query}" if u.query else "")
-
-
-def _read_capped(r: Any, cap: int, what: str) -> bytes:
-    out = bytearray()
-    for piece in r.iter_content(1 << 16):
-        out += piece
-        if len(out) > cap:
-            raise OciError(f"{what} is larger than {cap} bytes")
-    return bytes(out)
 
 
 def _verify(data: bytes, desc: Descriptor) -> None:

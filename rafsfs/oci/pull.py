@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..atomic import replacing, write_text
-from ..errors import BadImage
+from ..errors import BadImage, RafsError
 from ..image import RafsImage
 from .client import Manifest, RegistryClient
 from .nydus import MAX_BOOTSTRAP, blob_descriptors, bootstrap_descriptor, extract_bootstrap
@@ -48,6 +48,19 @@ def _fetch_bootstrap(client: RegistryClient, manifest: Manifest, dest_dir: str) 
         os.unlink(boot)  # never left where a later mount would take it for a good one
         raise
     return boot, desc.size
+
+
+def _usable(boot: str) -> bool:
+    """A bootstrap stored earlier that still opens (stored files are fsync'ed before their rename, but one left by
+    an older version, or damaged since, is fetched again instead of failing every mount)."""
+    if not os.path.isfile(boot):
+        return False
+    try:
+        with RafsImage.open(boot):
+            return True
+    except RafsError as e:
+        log.warning("%s is unusable (%s): fetching it again", boot, e)
+        return False
 
 
 def pull(ref: Reference, dest_dir: str, *, blobs: bool = False, platform: str | None = None,
@@ -105,7 +118,7 @@ def prepare_mount(ref: Reference, work_dir: str, *, platform: str | None = None,
         manifest = client.resolve(platform)
         dest = os.path.join(work_dir, "images", manifest.digest.split(":", 1)[1])
         boot = os.path.join(dest, "image.boot")
-        if not os.path.isfile(boot):
+        if not _usable(boot):
             os.makedirs(dest, exist_ok=True)
             _fetch_bootstrap(client, manifest, dest)
             log.info("%s: fetched bootstrap of %s", ref, manifest.digest)

@@ -14,20 +14,26 @@ import threading
 from collections.abc import Callable
 
 from ..errors import BlobUnavailable, RafsError
-from ..image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
+from ..blob import BlobInfo, ChunkRef, ChunkSlice
 from .cache.chunk_cache import ChunkCache
-from .cache.metrics import CacheMetrics
+from .meta import BlobMeta
+from .metrics import CacheMetrics
+from .source import ChunkSource
 
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 5.0  # seconds close() waits for a build under way
+GET_WAIT = 10.0  # seconds a read waits for the build before it fails (a registry that does not answer)
 
 
-class DeferredCache:
-    """A :class:`rafsfs.image.ChunkSource` in front of a :class:`ChunkCache` that ``build`` makes once
-    :meth:`start` is called.  ``metrics`` is shared with the cache, so counters can be read before it exists."""
+class DeferredCache(ChunkSource):
+    """A chunk source in front of a :class:`ChunkCache` that ``build`` makes once :meth:`start` is called.
+    ``metrics`` is shared with the cache, so counters can be read before it exists.  ``is_local`` is given, not
+    asked of the cache: answering it must not wait for the build."""
 
-    def __init__(self, build: Callable[[CacheMetrics], ChunkCache], metrics: CacheMetrics | None = None):
+    def __init__(self, build: Callable[[CacheMetrics], ChunkCache], metrics: CacheMetrics | None = None,
+                 is_local: bool = False):
+        self._is_local = is_local
         self.metrics = metrics or CacheMetrics()
         self._build = build
         self._cache: ChunkCache | None = None
@@ -56,10 +62,11 @@ class DeferredCache:
             self._error = BlobUnavailable(f"the chunk source could not be built: {e}")
         else:
             self._cache = cache
-        self._done.set()
         if self._error is not None:
-            log.error("%s", self._error)
+            log.error("%s", self._error)  # before the readers waiting for the build see the error
+            self._done.set()
             return
+        self._done.set()
         with self._lock:  # seal() waits for these, and none runs after it
             for hook in self.after_build:
                 if self._sealed:
@@ -76,11 +83,13 @@ class DeferredCache:
         with self._lock:
             self._sealed = True
 
-    def get(self) -> ChunkCache:
-        """The cache, once built (starting the build if nobody did)."""
+    def get(self, timeout: float = GET_WAIT) -> ChunkCache:
+        """The cache, once built (starting the build if nobody did); a build that takes longer than ``timeout``
+        fails this read (EIO), not the next ones."""
         if not self._done.is_set():
             self.start()
-            self._done.wait()
+            if not self._done.wait(timeout):
+                raise BlobUnavailable(f"the chunk source is still being built after {timeout:g} s")
         if self._error is not None:
             err = copy.copy(self._error)  # a new one per read: raising one object again and again grows its traceback
             err.__traceback__ = None
@@ -89,11 +98,22 @@ class DeferredCache:
         return self._cache
 
     # ------------------------------------------------------------------ ChunkSource
-    def read_chunks(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
-        return self.get().read_chunks(image, blob, chunks)
+    @property
+    def is_local(self) -> bool:
+        return self._is_local
 
-    def read_slices(self, image: RafsImage, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
-        return self.get().read_slices(image, blob, slices)
+    def meta(self, blob: BlobInfo) -> BlobMeta:
+        return self.get().meta(blob)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        return True  # a chunk cache, once built (prefetch is given the built cache: see after_build)
+
+    def read_chunks(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
+        return self.get().read_chunks(blob, chunks)
+
+    def read_slices(self, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
+        return self.get().read_slices(blob, slices)
 
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self.get().read_raw(blob, offset, size)

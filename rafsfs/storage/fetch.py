@@ -1,8 +1,8 @@
 """From a list of chunks to backend requests: adjacent chunks merged into one ranged read (up to ``amplify_io``
 bytes), groups fetched in parallel by a bounded worker pool, each chunk decompressed and verified.
 
-Both chunk sources use this one mechanism: :class:`rafsfs.storage.direct.DirectChunkSource` keeps the bytes it gets,
-:class:`rafsfs.storage.cache.chunk_cache.ChunkCache` writes them into its cache file.  zstd, lz4, blake3 and hashlib
+Both chunk sources use this one mechanism: :class:`rafsfs.storage.cache.none.DirectChunkSource` keeps the bytes it
+gets, :class:`rafsfs.storage.cache.chunk_cache.ChunkCache` writes them into its cache file.  zstd, lz4, blake3 and hashlib
 release the GIL, so worker threads decompress and hash in parallel.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..compression import decompress, digest
 from ..errors import BlobUnavailable, CorruptChunk, RafsError
-from ..image import BlobInfo, ChunkRef
+from ..blob import BlobInfo, ChunkRef
 from .backend.base import BlobBackend
-from .cache.metrics import CacheMetrics
+from .metrics import CacheMetrics
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MERGE_GAP = 4095
 
 # called once per chunk, from a worker thread, with the verified bytes or the error that chunk met
 ChunkSink = Callable[[ChunkRef, "bytes | None", "RafsError | None"], None]
-# gets the stored (compressed, unverified) bytes of a chunk that came along with a request
+# gets the stored (compressed, unverified) bytes of a neighbour chunk that came with a request
 RawSink = Callable[[ChunkRef, bytes], None]
 
 
@@ -97,23 +97,24 @@ class ChunkFetcher:
         return data
 
     def fetch(self, blob: BlobInfo, chunks: list[ChunkRef], sink: ChunkSink,
-              merge_limit: int | None = None, along: list[ChunkRef] = (),
-              along_sink: RawSink | None = None, background: bool = False) -> RafsError | None:
+              merge_limit: int | None = None, neighbours: list[ChunkRef] = (),
+              neighbour_sink: RawSink | None = None, background: bool = False) -> RafsError | None:
         """Fetch ``chunks``; ``sink`` gets every chunk exactly once.  Returns the first error met, if any.
-        ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests).  ``along`` chunks come with
-        the request of a chunk next to them if there is one: ``along_sink`` gets their stored bytes, undecoded.
+        ``merge_limit`` overrides ``amplify_io`` (readahead asks for larger requests).  ``neighbours`` (the
+        amplify_io neighbours of a small read) come with the request of a chunk next to them if there is one:
+        ``neighbour_sink`` gets their stored bytes, undecoded.
         ``background`` work (readahead, prefetch) runs in pools of its own: a reader's requests never queue behind
         it."""
-        riders = {c.ci_index for c in along} if along_sink is not None else set()
-        groups = merge_ranges([*chunks, *along] if riders else chunks, merge_limit or self.amplify_io)
-        if riders:  # a request for riders alone is not worth making
-            groups = [g for g in groups if any(c.ci_index not in riders for c in g)]
+        neighbour_ids = {c.ci_index for c in neighbours} if neighbour_sink is not None else set()
+        groups = merge_ranges([*chunks, *neighbours] if neighbour_ids else chunks, merge_limit or self.amplify_io)
+        if neighbour_ids:  # a request for neighbours alone is not worth making
+            groups = [g for g in groups if any(c.ci_index not in neighbour_ids for c in g)]
         if len(groups) <= 1 or self._workers == 1:
-            errors = [self._fetch_group(blob, g, sink, riders, along_sink, background) for g in groups]
+            errors = [self._fetch_group(blob, g, sink, neighbour_ids, neighbour_sink, background) for g in groups]
         else:
             pool = self._get_pool("fetch", background)
-            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink, riders, along_sink,
-                                                       background) for g in groups]]
+            errors = [f.result() for f in [pool.submit(self._fetch_group, blob, g, sink, neighbour_ids,
+                                                       neighbour_sink, background) for g in groups]]
         return next((e for e in errors if e is not None), None)
 
     def decode(self, blob: BlobInfo, c: ChunkRef, raw: bytes | memoryview, sink: ChunkSink) -> RafsError | None:
@@ -130,8 +131,9 @@ class ChunkFetcher:
         sink(c, bytes(data), None)
         return None
 
-    def _fetch_group(self, blob: BlobInfo, group: list[ChunkRef], sink: ChunkSink, riders: set[int] = frozenset(),
-                     along_sink: RawSink | None = None, background: bool = False) -> RafsError | None:
+    def _fetch_group(self, blob: BlobInfo, group: list[ChunkRef], sink: ChunkSink,
+                     neighbour_ids: set[int] = frozenset(), neighbour_sink: RawSink | None = None,
+                     background: bool = False) -> RafsError | None:
         start = group[0].info.compressed_offset
         end = group[-1].info.compressed_offset + group[-1].info.compressed_size
         try:
@@ -142,16 +144,16 @@ class ChunkFetcher:
                 e = BlobUnavailable(f"blob {blob.ref.name}: internal error: {e}")
             self.metrics.error()
             for c in group:
-                if c.ci_index not in riders:
+                if c.ci_index not in neighbour_ids:
                     sink(c, None, e)
             return e
         view = memoryview(raw)
-        if riders:
+        if neighbour_ids:
             for c in group:
-                if c.ci_index in riders and len(raw) >= c.info.compressed_offset + c.info.compressed_size - start:
-                    o = c.info.compressed_offset - start
-                    along_sink(c, bytes(view[o:o + c.info.compressed_size]))
-            group = [c for c in group if c.ci_index not in riders]
+                o = c.info.compressed_offset - start
+                if c.ci_index in neighbour_ids and len(raw) >= o + c.info.compressed_size:
+                    neighbour_sink(c, bytes(view[o:o + c.info.compressed_size]))
+            group = [c for c in group if c.ci_index not in neighbour_ids]
 
         def decode(c: ChunkRef) -> RafsError | None:
             o = c.info.compressed_offset - start

@@ -10,7 +10,9 @@ from typing import BinaryIO, TextIO
 
 from ..errors import BadImage, IsADirectory, RafsError
 from ..format.inode import LAYOUT_CHUNK_BASED
-from ..image import HOLE, ChunkSource, Inode, RafsImage
+from ..blob import HOLE
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Verify an image: every directory, symlink and xattr parses, and every chunk of every regular file reads,
-decompresses and matches its recorded digest (verification itself is :func:`rafsfs.storage.fetch.verify_chunk`).
+decompresses and matches its recorded digest.  The digest is checked here, on the bytes the source hands back,
+whatever the source is: a chunk cache serves cached chunks without hashing them again, and a source configured with
+``digest_validate: false`` hashes nothing, so only this check finds a corrupt cache.
 
 Each distinct chunk is read once, however many files share it.  Chunks of plain EROFS images, and data kept inside
 the bootstrap, carry no digest: they are read (so I/O and bounds errors show) and counted as unverified.
@@ -10,9 +12,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..compression import digest
 from ..errors import BadImage, RafsError
 from ..format.inode import LAYOUT_CHUNK_BASED
-from ..image import HOLE, BlobInfo, ChunkRef, ChunkSource, Inode, RafsImage
+from ..blob import HOLE, BlobInfo, ChunkRef
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 from . import Progress, check_name, file_pieces
 
 BATCH_BYTES = 64 << 20  # uncompressed bytes per read_chunks call (bounds memory; adjacent chunks still merge)
@@ -118,14 +123,13 @@ class _Checker:
         """Read chunks of one blob in bounded batches; on a failure, retry them one by one to name the bad one."""
         for batch in _batches(refs):
             try:
-                source.read_chunks(self.image, blob, batch)
-                for c in batch:
-                    self._mark(c, None)
+                for c, data in zip(batch, source.read_chunks(blob, batch)):
+                    self._mark(c, _mismatch(blob, c, data))
             except RafsError:
                 for c in batch:
                     try:
-                        source.read_chunks(self.image, blob, [c])
-                        self._mark(c, None)
+                        (data,) = source.read_chunks(blob, [c])
+                        self._mark(c, _mismatch(blob, c, data))
                     except RafsError as e:
                         self._mark(c, str(e))
 
@@ -136,6 +140,18 @@ class _Checker:
                 self.result.chunks_verified += 1
             else:
                 self.result.chunks_unverified += 1
+
+
+def _mismatch(blob: BlobInfo, ref: ChunkRef, data: bytes) -> str | None:
+    """Why the bytes a source returned for a chunk are wrong (None: they match its size and recorded digest)."""
+    if len(data) != ref.info.uncompressed_size:
+        return f"chunk {ref.ci_index} of blob {blob.ref.name}: {len(data)} bytes, expected {ref.info.uncompressed_size}"
+    try:
+        if ref.digest is not None and digest(blob.digester, data) != ref.digest:
+            return f"chunk {ref.ci_index} of blob {blob.ref.name} does not match its digest"
+    except ValueError as e:  # a digester the image names but nobody knows
+        return f"chunk {ref.ci_index} of blob {blob.ref.name}: {e}"
+    return None
 
 
 def _batches(refs: list[ChunkRef]) -> Iterator[list[ChunkRef]]:

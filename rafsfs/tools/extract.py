@@ -12,7 +12,8 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import BadImage, RafsError
-from ..image import ChunkSource, Inode, RafsImage
+from ..image import Inode, RafsImage
+from ..storage.source import ChunkSource
 from . import Progress, check_name, file_pieces
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,29 @@ class ExtractStats:
 
 
 def prepare_dest(dest: str) -> int:
-    """Create DEST or accept an existing empty directory; returns an fd of it."""
+    """Create DEST or accept an existing empty directory that nobody else can write to (owned by the effective
+    user, not group- or other-writable: another user could otherwise swap an entry for a symlink between its
+    creation and its chown/chmod); returns an fd of it."""
     try:
         os.mkdir(dest, 0o700)
     except FileExistsError:
         if not os.path.isdir(dest):
             raise RafsError(f"{dest} exists and is not a directory") from None
-        if os.listdir(dest):
-            raise RafsError(f"{dest} is not empty") from None
-    return os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise RafsError(f"{dest} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}): "
+                            "extract into a directory of your own")
+        if st.st_mode & 0o022:
+            raise RafsError(f"{dest} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                            "extract into a directory only you can write to")
+        if os.listdir(fd):
+            raise RafsError(f"{dest} is not empty")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def extract(image: RafsImage, source: ChunkSource | None, dest: str,
@@ -214,13 +229,28 @@ class _Extractor:
         xattrs = self.image.xattrs(ino)
         if xattrs:
             self._set_xattrs(fd, parent, name, ino, xattrs)
-        if not ino.is_symlink():  # a symlink's mode means nothing; we just made this node, so no link is followed
-            os.chmod(name, stat.S_IMODE(ino.mode), dir_fd=fd)
+        if not ino.is_symlink():  # a symlink's mode means nothing
+            self._chmod(fd, parent, name, stat.S_IMODE(ino.mode))
         ns = ino.mtime * 1_000_000_000 + ino.mtime_nsec
         try:
             os.utime(name, ns=(ns, ns), dir_fd=fd, follow_symlinks=False)
         except OverflowError:
             log.warning("%s: mtime %d out of range; not set", os.fsdecode(os.path.join(parent, name)), ino.mtime)
+
+    def _chmod(self, fd: int, parent: bytes, name: bytes, mode: int) -> None:
+        """chmod the node we made, never what a symlink in its place points to: open it O_PATH|O_NOFOLLOW (a
+        symlink is then the link itself, refused) and chmod that very inode through /proc/self/fd."""
+        if not self.proc:
+            os.chmod(name, mode, dir_fd=fd)
+            return
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            if stat.S_ISLNK(os.fstat(pfd).st_mode):
+                raise RafsError(f"{os.fsdecode(os.path.join(self.dest, parent, name))}: replaced by a symbolic "
+                                "link during extraction; mode not set")
+            os.chmod(f"/proc/self/fd/{pfd}", mode)
+        finally:
+            os.close(pfd)
 
     def _set_xattrs(self, fd: int, parent: bytes, name: bytes, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
         # setxattr has no dir_fd form: reach the entry through the directory fd's /proc link (never through a

@@ -5,12 +5,15 @@ import os
 import threading
 
 from ...errors import BlobUnavailable
-from .base import BlobBackend, BlobRef, check_blob_id
+from ...blob import BlobRef, check_blob_id
+from .base import BlobBackend
 
 
 class LocalFsBackend(BlobBackend):
     """``blob_dir`` holds blobs named by id; ``devices`` lists files bound to device slots in order (like the
     kernel's ``-o device=``), used for images whose slots carry no id (``mkfs.erofs --blobdev``)."""
+
+    is_local = True
 
     def __init__(self, blob_dir: str | None = None, devices: list[str] | None = None):
         self.blob_dir = blob_dir

@@ -6,8 +6,11 @@ a worker pool, decompressed, verified against their digest), written into the ca
 ready.  Concurrent readers of one chunk wait for a single fetch (single-flight).  Nothing that fails verification
 is ever written.
 
-Files and crash safety: see :mod:`.blob_file`.  With ``max_size`` set, whole blobs not in use by any process are
-evicted, least recently used first, when the directory grows past it (:mod:`.store`).
+Files, entry names (one entry per blob id and chunk table), locks and crash safety: see :mod:`.blob_file`.  A
+cache write that fails (a full or failing disk) still hands the fetched, verified bytes to their readers; the cache
+then stops storing (one warning) and reads what it lacks straight from the backend.  With ``max_size`` set, whole
+blobs not in use by any process are evicted, least recently used first, when the directory grows past it
+(:mod:`.store`).
 
 The cache is synchronous and thread-safe; the daemons call it from worker threads.  Background prefetch calls
 :meth:`ChunkCache.ensure` with ``background=True`` and yields to on-demand reads (:meth:`wait_idle`).
@@ -19,22 +22,25 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ...blob import BlobInfo, ChunkRef, ChunkSlice
 from ...errors import BlobUnavailable, RafsError
-from ...image import BlobInfo, ChunkRef, ChunkSlice, RafsImage
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
+from ..meta import BlobMeta, MetaCache
+from ..metrics import CacheMetrics
+from ..source import ChunkSource
 from . import store
-from .blob_file import BlobCacheFile, entry_name
-from .metrics import CacheMetrics
+from .blob_file import BlobCacheFile, EntryBusy, entry_name, table_key
 
 log = logging.getLogger(__name__)
 
 _EVICT_CHECK_BYTES = 64 << 20  # with a size cap, look at the directory's usage after this many new bytes
 FAILURE_MEMORY = 1.0  # seconds an on-demand fetch failure is answered from memory
-RIDER_MEMORY = 32 << 20  # bytes of neighbour chunks kept as they came, until read (oldest dropped first)
+NEIGHBOUR_MEMORY = 32 << 20  # bytes of neighbour chunks kept as they came, until read (oldest dropped first)
 
 
 @dataclass
@@ -42,7 +48,6 @@ class CacheOptions:
     work_dir: str
     verify: bool = True  # digest validation of fetched chunks
     amplify_io: int = DEFAULT_AMPLIFY_IO  # largest merged backend request, bytes
-    sync: bool = False  # fsync data before marking chunks ready
     workers: int = DEFAULT_WORKERS  # parallel backend requests + decompression per cache
     max_size: int = 0  # bytes; 0 = no cap.  Whole blobs not in use are evicted, least recently used first
     readahead: int = 4 << 20  # first readahead window when a blob is read in order, bytes; 0 = off
@@ -51,7 +56,9 @@ class CacheOptions:
 
 
 @dataclass
-class _Sequence:
+class _Stream:
+    """A reader going through a blob in order, followed by readahead."""
+
     last: int  # the last chunk index an on-demand read reached
     until: int  # readahead has been queued up to (not including) this chunk index
     window: int  # chunks
@@ -61,8 +68,105 @@ class _Sequence:
 STREAMS = 8  # in-order streams followed per blob (files of one layer read at the same time)
 
 
-class ChunkCache:
-    """A :class:`rafsfs.image.ChunkSource` backed by a persistent on-disk cache."""
+class _Uncached:
+    """Stands in for an entry that cannot be used (in use by others with other content, or the disk refused it):
+    nothing is ready, nothing is stored, every chunk is read from the backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ready = bytearray()
+
+    def is_ready(self, ci: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _Committer:
+    """Makes stored chunks ready on disk, off the read path: one ``fdatasync`` of an entry's data file for every
+    chunk stored in it since the last one, then their map bytes (so no map byte is ever durable before its data).
+    A reader never waits for it: chunks are ready for this process as soon as their bytes are written.  Measured
+    on this project's VM disk (1000 cold random 4 KiB reads of a 64 MiB image with 64 KiB chunks, local backend):
+    an fdatasync per fetched group on the read path took 1.3-3.0 s instead of 0.15-0.45 s (624 syncs, ~3 ms
+    each); batched here, 0.16-0.28 s (132 syncs).  A cold sequential read: no difference (9 syncs for 64 MiB)."""
+
+    def __init__(self, on_error: Callable[[OSError], None]):
+        self._cv = threading.Condition()
+        self._pending: dict[BlobCacheFile, list[int]] = {}
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._on_error = on_error
+
+    def add(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        with self._cv:
+            if self._closed:  # the cache is closing: commit here
+                self._commit(bc, cis)
+                return
+            self._pending.setdefault(bc, []).extend(cis)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rafsfs-commit", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, {}
+                self._busy = True
+            try:
+                for bc, cis in batch.items():
+                    self._commit(bc, cis)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _commit(self, bc: BlobCacheFile, cis: list[int]) -> None:
+        try:
+            bc.commit(cis)
+        except OSError as e:
+            bc.forget(cis)
+            self._on_error(e)
+        except Exception:  # a bug must not stop every later commit
+            log.exception("committing chunks of cache entry %s", bc.name)
+
+    def flush(self) -> None:
+        """Wait until every chunk added so far is committed."""
+        with self._cv:
+            while self._pending or self._busy:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+def backend_identity(backend: BlobBackend) -> str:
+    """Where a backend's bytes come from, for entries whose bytes cannot be verified (see ``blob_file.table_key``).
+    A backend may say it itself (an ``identity`` attribute); else the local directory or registry repository."""
+    ident = getattr(backend, "identity", None)
+    if isinstance(ident, str):
+        return ident
+    cfg = getattr(backend, "cfg", None)
+    if cfg is not None and hasattr(cfg, "host"):
+        return f"registry:{getattr(cfg, 'scheme', '')}://{cfg.host}/{getattr(cfg, 'repo', '')}"
+    blob_dir = getattr(backend, "blob_dir", None)
+    devices = getattr(backend, "devices", None) or []
+    return "localfs:" + ":".join(os.path.realpath(p) for p in ([blob_dir] if blob_dir else []) + list(devices))
+
+
+class ChunkCache(ChunkSource):
+    """A chunk source backed by a persistent on-disk cache; blob metadata is kept beside the entries."""
 
     def __init__(self, backend: BlobBackend, options: CacheOptions, metrics: CacheMetrics | None = None):
         self.backend = backend
@@ -74,7 +178,13 @@ class ChunkCache:
             os.makedirs(options.work_dir, exist_ok=True)
         except OSError as e:
             raise BlobUnavailable(f"cannot create cache directory {options.work_dir}: {e.strerror}") from None
-        self._blobs: dict[str, BlobCacheFile] = {}
+        self._blobs: dict[str, BlobCacheFile | _Uncached] = {}  # by entry name
+        # the entry of each blob's metadata: its chunk table decides the entry (two images that describe one blob
+        # id differently have two BlobMetas, see MetaCache, hence two entries)
+        self._by_meta: dict[BlobMeta, BlobCacheFile | _Uncached] = {}
+        self._identity = backend_identity(backend)
+        self.degraded: str | None = None  # why the cache stopped storing (a write failed), or None
+        self._committer = _Committer(self._degrade)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future] = {}
         self._demand = 0  # on-demand ensure() calls running now
@@ -82,17 +192,29 @@ class ChunkCache:
         self._idle = threading.Condition(self._lock)
         self._since_evict = 0
         self._failed: dict[tuple[str, int], tuple[float, RafsError]] = {}  # recent on-demand failures
-        self._seq: dict[str, list[_Sequence]] = {}  # per blob, oldest first: where in-order readers are
+        self._streams: dict[str, list[_Stream]] = {}  # per blob, oldest first: where in-order readers are
         self._ahead_pool: ThreadPoolExecutor | None = None
-        self._riders: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
-        self._rider_bytes = 0
+        self._kept_neighbours: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # see _neighbours
+        self._kept_neighbour_bytes = 0
         self._closed = False
+        self._metas = MetaCache(self.read_raw, options.work_dir)
 
     # ------------------------------------------------------------------ ChunkSource
+    @property
+    def is_local(self) -> bool:
+        return self.backend.is_local
+
+    def meta(self, blob: BlobInfo) -> BlobMeta:
+        return self._metas.get(blob)
+
+    @property
+    def keeps_chunks(self) -> bool:
+        return True
+
     def read_raw(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self.fetcher.read_range(blob, offset, size)
 
-    def read_chunks(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
+    def read_chunks(self, blob: BlobInfo, chunks: list[ChunkRef]) -> list[bytes]:
         if not blob.nydus:
             # plain EROFS devices are uncompressed local files with no chunk ids: nothing to cache
             out: dict[int, bytes] = {}
@@ -101,33 +223,39 @@ class ChunkCache:
                 raise err
             return [out[id(c)] for c in chunks]
         bc = self._blob(blob)
-        if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+        if self.opts.readahead and chunks and self._storing(bc):
+            self._read_ahead(blob, bc, chunks)  # first, so the next chunks' fetch overlaps this one's
+        held = self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out_list = []
         for c in chunks:
-            data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
+            data = held.get(c.ci_index)
+            if data is None:
+                data = bc.read(c.info.uncompressed_offset, c.info.uncompressed_size)
             if len(data) != c.info.uncompressed_size:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
             out_list.append(data)
         return out_list
 
-    def read_slices(self, image: RafsImage, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
+    def read_slices(self, blob: BlobInfo, slices: list[ChunkSlice]) -> list[bytes]:
         """Only the bytes each slice asks for (a 4 KiB read copies 4 KiB out of the cache file, not its chunk)."""
         chunks = list({(s.chunk.ci_index, s.chunk.info.uncompressed_offset): s.chunk for s in slices}.values())
         if not blob.nydus:
-            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(image, blob, chunks))}
+            whole = {id(c): d for c, d in zip(chunks, self.read_chunks(blob, chunks))}
             by_key = {(c.ci_index, c.info.uncompressed_offset): whole[id(c)] for c in chunks}
             return [by_key[(s.chunk.ci_index, s.chunk.info.uncompressed_offset)][s.offset:s.offset + s.length]
                     for s in slices]
         bc = self._blob(blob)
-        if self.opts.readahead and chunks:
-            self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+        if self.opts.readahead and chunks and self._storing(bc):
+            self._read_ahead(blob, bc, chunks)
+        held = self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
         out = []
         for s in slices:
-            data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
+            whole = held.get(s.chunk.ci_index)
+            if whole is not None:
+                data = whole[s.offset:s.offset + s.length]
+            else:
+                data = bc.read(s.chunk.info.uncompressed_offset + s.offset, s.length)
             if len(data) != s.length:
                 raise BlobUnavailable(f"blob {blob.ref.name}: cache file is short")
             self.metrics.served(len(data))
@@ -135,22 +263,55 @@ class ChunkCache:
         return out
 
     # ------------------------------------------------------------------ the mechanism
-    def _blob(self, blob: BlobInfo) -> BlobCacheFile:
-        key = entry_name(blob)
+    def _blob(self, blob: BlobInfo) -> BlobCacheFile | _Uncached:
+        """The entry for ``blob``'s chunk table (opened, or created, on first use), found through the blob's
+        metadata (:meth:`meta`), never through the image."""
+        meta = self.meta(blob)
+        bc = self._by_meta.get(meta)
+        if bc is not None:
+            return bc
+        key, verified = table_key(meta, self.opts.verify, self._identity)  # computed once per BlobMeta
+        name = entry_name(blob, key)
+        new = False
         with self._lock:
-            bc = self._blobs.get(key)
+            bc = self._blobs.get(name)
             if bc is None:
-                bc = self._blobs[key] = BlobCacheFile(self.opts.work_dir, blob)
-                new = True
-            else:
-                new = False
+                try:
+                    bc = BlobCacheFile(self.opts.work_dir, blob, key, verified)
+                    new = True
+                except EntryBusy as e:
+                    log.info("%s: reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                except BlobUnavailable as e:  # e.g. a full disk, or a size the file system refuses
+                    log.warning("%s; reading blob %s without the cache", e, blob.ref.name)
+                    bc = _Uncached(name)
+                self._blobs[name] = bc
+            self._by_meta[meta] = bc
         if new and self.opts.max_size:
             self._evict()
         return bc
 
+    def entry(self, blob: BlobInfo) -> BlobCacheFile:
+        """The open cache entry ``blob`` is read through (its ``data_fd`` stays open for the cache's own writes
+        until :meth:`close`).  BlobUnavailable if the blob cannot be cached here."""
+        bc = self._blob(blob)
+        if not isinstance(bc, BlobCacheFile):
+            raise BlobUnavailable(f"blob {blob.ref.name} is not cached in {self.opts.work_dir}")
+        return bc
+
+    def data_path(self, blob: BlobInfo) -> str:
+        """The data file holding ``blob`` in its uncompressed layout (what a kernel reads as a blob device).
+        Opens the entry, so the path exists and this cache holds it until :meth:`close`."""
+        return self.entry(blob).data_path
+
     def fully_cached(self, blob: BlobInfo) -> bool:
         """Every chunk of ``blob`` is in the cache: reading it needs no backend."""
-        return blob.nydus and blob.chunk_count > 0 and all(self._blob(blob).ready)
+        if not (blob.nydus and blob.chunk_count > 0):
+            return False
+        try:
+            return all(self._blob(blob).ready or b"\0")
+        except RafsError:
+            return False
 
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
@@ -199,12 +360,25 @@ class ChunkCache:
                 self._idle.wait(wait)
 
     def ensure(self, blob: BlobInfo, chunks: list[ChunkRef], background: bool = False,
-               merge_limit: int | None = None, along: list[ChunkRef] = ()) -> list[ChunkRef]:
-        """Make every chunk present and verified in the cache file; returns ``chunks``.  Chunks fetched by another
-        thread right now are waited for instead of fetched again.  ``along``: see :meth:`_neighbours`."""
-        bc = self._blob(blob)
+               merge_limit: int | None = None, neighbours: list[ChunkRef] = ()) -> list[ChunkRef]:
+        """Make every chunk present and verified in the cache entry for ``blob``; returns ``chunks``.  Chunks
+        fetched by another thread right now are waited for instead of fetched again.  ``neighbours``: see
+        :meth:`_neighbours`.  (A degraded cache fetches nothing in the background, and stores nothing.)"""
+        self._ensure(blob, self._blob(blob), chunks, background, merge_limit, neighbours)
+        return chunks
+
+    def _storing(self, bc: BlobCacheFile | _Uncached) -> bool:
+        return self.degraded is None and isinstance(bc, BlobCacheFile)
+
+    def _ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef], background: bool = False,
+                merge_limit: int | None = None, neighbours: list[ChunkRef] = ()) -> dict[int, bytes]:
+        """:meth:`ensure`; returns the verified bytes of the chunks that could not be stored, by chunk-info index
+        (the reader takes them from here instead of the cache file)."""
+        if background and not self._storing(bc):
+            return {}
+        held: dict[int, bytes] = {}
         mine: list[ChunkRef] = []
-        waits: list[Future] = []
+        waits: list[tuple[int, Future]] = []
         early_error: BaseException | None = None
         claimed: set[int] = set()
         with self._lock:
@@ -216,7 +390,7 @@ class ChunkCache:
                 key = (bc.name, c.ci_index)
                 fut = self._inflight.get(key)
                 if fut is not None:
-                    waits.append(fut)
+                    waits.append((c.ci_index, fut))
                     if not background:
                         self.metrics.hit()
                     continue
@@ -242,11 +416,14 @@ class ChunkCache:
         try:
             error: BaseException | None = early_error
             if mine:
-                error = self._fetch(blob, bc, mine, merge_limit, background=background, along=along) or error
-            for f in waits:
+                error = self._fetch(blob, bc, mine, merge_limit, background=background,
+                                    neighbours=neighbours, held=held) or error
+            for ci, f in waits:
                 exc = f.exception()
-                if exc is not None and error is None:
-                    error = exc
+                if exc is not None:
+                    error = error or exc
+                elif f.result() is not None:
+                    held[ci] = f.result()  # fetched by another thread, but not stored
         finally:
             if not background:
                 with self._idle:
@@ -256,27 +433,30 @@ class ChunkCache:
                         self._idle.notify_all()
         if error is not None:
             raise error
-        return chunks
+        return held
 
-    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef], merge_limit: int | None = None,
-               background: bool = False, along: list[ChunkRef] = ()) -> RafsError | None:
+    def _fetch(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, chunks: list[ChunkRef],
+               merge_limit: int | None = None, background: bool = False, neighbours: list[ChunkRef] = (),
+               held: dict[int, bytes] | None = None) -> RafsError | None:
         """Fetch ``chunks`` (all claimed by this thread); store the good ones; settle every future either way.
         Chunks whose stored bytes came along with an earlier request are decoded from memory.  On-demand failures
-        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not."""
+        are remembered for a moment (:data:`FAILURE_MEMORY`); background ones are not.  The bytes of good chunks
+        that could not be stored go to ``held`` and to the chunks' waiters."""
         failed: list[RafsError] = []
         settled: set[int] = set()
+        stored: list[int] = []
         claimed = chunks
+        held = {} if held is None else held
 
         def store_chunk(c: ChunkRef, data: bytes | None, err: RafsError | None) -> None:
             if data is not None:
-                if self._riders:
+                if self._kept_neighbours:
                     with self._lock:  # kept bytes of it that came along earlier are not needed any more
-                        self._take_rider(bc.name, c.ci_index)
-                try:
-                    bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data, self.opts.sync)
-                except OSError as e:
-                    err = BlobUnavailable(f"cache write failed: {e.strerror}")
-                    self.metrics.error()
+                        self._take_neighbour(bc.name, c.ci_index)
+                if self._store(bc, c, data):
+                    stored.append(c.ci_index)
+                else:
+                    held[c.ci_index] = data
             if err is not None:
                 failed.append(err)
                 if not background:
@@ -288,27 +468,30 @@ class ChunkCache:
                 with self._lock:
                     self._failed.pop((bc.name, c.ci_index), None)
             settled.add(c.ci_index)
-            self._settle(bc, c, err)
+            self._settle(bc, c, err, held.get(c.ci_index))
 
         try:
             error = None
-            if self._riders:
+            if self._kept_neighbours:
                 with self._lock:
-                    kept = [(c, self._take_rider(bc.name, c.ci_index)) for c in chunks]
+                    kept = [(c, self._take_neighbour(bc.name, c.ci_index)) for c in chunks]
                 chunks = [c for c, raw in kept if raw is None]
                 for c, raw in kept:
                     if raw is not None:
                         error = self.fetcher.decode(blob, c, raw, store_chunk) or error
             if chunks:
                 mine = {c.ci_index for c in claimed}
-                along = [c for c in along if c.ci_index not in mine]
-                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, along=along, background=background,
-                                           along_sink=lambda c, raw: self._keep_rider(bc, c, raw)) or error
+                neighbours = [c for c in neighbours if c.ci_index not in mine]
+                error = self.fetcher.fetch(blob, chunks, store_chunk, merge_limit, neighbours=neighbours,
+                                           neighbour_sink=lambda c, raw: self._keep_neighbour(bc, c, raw),
+                                           background=background) or error
         finally:
             # whatever happened, no chunk this call claimed may stay in flight: its readers would wait forever
             for c in claimed:
                 if c.ci_index not in settled:
                     self._settle(bc, c, BlobUnavailable(f"blob {blob.ref.name}: chunk {c.ci_index} was not fetched"))
+        if stored:
+            self._committer.add(bc, stored)  # durable bytes first, then their map bytes
         if self.opts.max_size:
             with self._lock:
                 self._since_evict += sum(c.info.uncompressed_size for c in claimed)
@@ -319,12 +502,35 @@ class ChunkCache:
                 self._evict()
         return error or (failed[0] if failed else None)
 
-    def _neighbours(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile,
+    def _store(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, data: bytes) -> bool:
+        """Write a verified chunk into the entry; False if it was not stored (the cache is degraded, or this write
+        failed and degraded it)."""
+        if not self._storing(bc):
+            return False
+        try:
+            bc.write_chunk(c.ci_index, c.info.uncompressed_offset, data)
+            return True
+        except OSError as e:
+            self._degrade(e)
+            return False
+
+    def _degrade(self, e: OSError) -> None:
+        """A write to the cache failed (a full or failing disk): stop storing, once, with one log line.  Reads keep
+        being served: what is in the cache from it, the rest straight from the backend."""
+        self.metrics.error()
+        with self._lock:
+            if self.degraded is not None:
+                return
+            self.degraded = f"writing to the cache failed: {e.strerror or e}"
+        log.warning("cache %s: %s; reading what is not cached straight from the backend from now on",
+                    self.opts.work_dir, self.degraded)
+
+    def _neighbours(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached,
                     chunks: list[ChunkRef]) -> list[ChunkRef]:
         """Nydus's ``amplify_io`` for on-demand reads smaller than it: the chunks stored right after the read's,
         while the request stays within ``amplify_io`` bytes.  A registry answers 300 bytes and 1 MiB in about the
         same time, and files read together (a program's libraries and modules, one directory's files) are stored
-        together.  The neighbours' bytes are kept in memory as they came (:data:`RIDER_MEMORY`) and decoded only if
+        together.  The neighbours' bytes are kept in memory as they came (:data:`NEIGHBOUR_MEMORY`) and decoded only if
         read: no CPU is spent on chunks nobody asks for."""
         limit = self.opts.amplify_io
         missing = [c for c in chunks if not bc.is_ready(c.ci_index)]
@@ -334,12 +540,13 @@ class ChunkCache:
         last = max(missing, key=lambda c: c.info.compressed_offset)
         end = last.info.compressed_offset + last.info.compressed_size
         out: list[ChunkRef] = []
+        meta = self.meta(blob)
         ci = last.ci_index + 1
         while ci < blob.chunk_count and end < start + limit and not bc.is_ready(ci):
-            if (bc.name, ci) in self._riders:
+            if (bc.name, ci) in self._kept_neighbours:
                 break  # came along with an earlier request: what follows did too
             try:
-                ref = image.chunk_ref(blob.index, ci, self)
+                ref = meta.chunk_ref(ci)
             except RafsError:  # a neighbour is only a bonus: its trouble is for its own reader to meet
                 break
             info = ref.info
@@ -351,25 +558,25 @@ class ChunkCache:
             ci += 1
         return out
 
-    def _keep_rider(self, bc: BlobCacheFile, c: ChunkRef, raw: bytes) -> None:
+    def _keep_neighbour(self, bc: BlobCacheFile, c: ChunkRef, raw: bytes) -> None:
         with self._lock:
             key = (bc.name, c.ci_index)
-            if key in self._riders or len(raw) > RIDER_MEMORY or bc.is_ready(c.ci_index):
+            if key in self._kept_neighbours or len(raw) > NEIGHBOUR_MEMORY or bc.is_ready(c.ci_index):
                 return
-            self._riders[key] = raw
-            self._rider_bytes += len(raw)
-            while self._rider_bytes > RIDER_MEMORY:
-                _, old = self._riders.popitem(last=False)
-                self._rider_bytes -= len(old)
+            self._kept_neighbours[key] = raw
+            self._kept_neighbour_bytes += len(raw)
+            while self._kept_neighbour_bytes > NEIGHBOUR_MEMORY:
+                _, old = self._kept_neighbours.popitem(last=False)
+                self._kept_neighbour_bytes -= len(old)
 
-    def _take_rider(self, name: str, ci: int) -> bytes | None:
+    def _take_neighbour(self, name: str, ci: int) -> bytes | None:
         """The kept bytes of a chunk, removed from memory (the caller holds the lock)."""
-        raw = self._riders.pop((name, ci), None)
+        raw = self._kept_neighbours.pop((name, ci), None)
         if raw is not None:
-            self._rider_bytes -= len(raw)
+            self._kept_neighbour_bytes -= len(raw)
         return raw
 
-    def _read_ahead(self, image: RafsImage, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
+    def _read_ahead(self, blob: BlobInfo, bc: BlobCacheFile, chunks: list[ChunkRef]) -> None:
         """While a blob is read in order, keep a window of the following chunks being fetched in the background,
         in large merged requests fetched in parallel, so delivery never waits for one request at a time.  The
         window starts at ``readahead`` bytes and doubles while the reads stay in order (like the kernel's own
@@ -381,10 +588,10 @@ class ChunkCache:
         cs = max(blob.chunk_size, 1)
         first = max(1, self.opts.readahead // cs)
         with self._lock:
-            streams = self._seq.setdefault(bc.name, [])
+            streams = self._streams.setdefault(bc.name, [])
             st = next((s for s in reversed(streams) if s.last <= lo <= s.last + 2), None)
             if st is None:
-                streams.append(_Sequence(hi, hi + 1, first))
+                streams.append(_Stream(hi, hi + 1, first))
                 if len(streams) > STREAMS:
                     del streams[0]
                 return
@@ -411,25 +618,27 @@ class ChunkCache:
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
-        refs = [image.chunk_ref(blob.index, ci, self) for ci in range(start, end) if not bc.is_ready(ci)]
+        meta = self.meta(blob)
+        refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
-            pool.submit(self._background_ensure, blob, refs)
+            pool.submit(self._background_ensure, blob, bc, refs)
 
-    def _background_ensure(self, blob: BlobInfo, refs: list[ChunkRef]) -> None:
+    def _background_ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, refs: list[ChunkRef]) -> None:
         try:
-            self.ensure(blob, refs, background=True, merge_limit=self.opts.readahead_request)
+            self._ensure(blob, bc, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
         except Exception:  # nobody reads this future: a bug here must still be seen
             log.exception("readahead of blob %s", blob.ref.name)
 
-    def _settle(self, bc: BlobCacheFile, c: ChunkRef, exc: BaseException | None) -> None:
+    def _settle(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, exc: BaseException | None,
+                data: bytes | None = None) -> None:
         with self._lock:
             fut = self._inflight.pop((bc.name, c.ci_index), None)
         if fut is None:
             return
         if exc is None:
-            fut.set_result(None)
+            fut.set_result(data)
         else:
             fut.set_exception(exc)
 
@@ -441,6 +650,10 @@ class ChunkCache:
             log.debug("cache %s is over its cap of %d bytes, but every blob in it is in use",
                       self.opts.work_dir, self.opts.max_size)
 
+    def sync(self) -> None:
+        """Wait until every chunk stored so far is marked ready on disk (other processes then see it)."""
+        self._committer.flush()
+
     def close(self) -> None:
         """Stop background work, then the fetcher's workers (they write into the cache files), then the files."""
         with self._lock:
@@ -449,9 +662,11 @@ class ChunkCache:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self.fetcher.close()
+        self._committer.close()  # every stored chunk made ready on disk before the files close
         with self._lock:
             for bc in self._blobs.values():
                 bc.close()
             self._blobs.clear()
-            self._riders.clear()
-            self._rider_bytes = 0
+            self._by_meta.clear()
+            self._kept_neighbours.clear()
+            self._kept_neighbour_bytes = 0

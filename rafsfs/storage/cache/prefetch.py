@@ -12,9 +12,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ...blob import ChunkRef
 from ...errors import RafsError
-from ...image import ChunkRef, RafsImage
 from ...format.inode import LAYOUT_CHUNK_BASED
+from ...image import RafsImage
+from ..source import ChunkSource
 from .chunk_cache import ChunkCache
 
 if TYPE_CHECKING:
@@ -74,12 +76,13 @@ class Prefetcher:
         for blob in self.image.blobs:
             if not blob.nydus:
                 continue
+            meta = self.cache.meta(blob)
             for ci in range(blob.chunk_count):
-                yield self.image.chunk_ref(blob.index, ci, self.cache)
+                yield meta.chunk_ref(ci)
 
     def _chunks(self) -> Iterator[tuple[ChunkRef, bool]]:
         """(chunk, from the whole-blob part of the plan), files first."""
-        seen: set[tuple[int, int]] = set()
+        seen = [bytearray(b.chunk_count if b.nydus else 0) for b in self.image.blobs]  # 1 byte per chunk
         sources: list[tuple[Iterable[ChunkRef], bool]] = []
         seen_nids: set[int] = set()
 
@@ -94,9 +97,9 @@ class Prefetcher:
             sources.append((self._blob_chunks(), True))
         for src, whole in sources:
             for ref in src:
-                key = (ref.blob_index, ref.ci_index)
-                if key not in seen:
-                    seen.add(key)
+                done = seen[ref.blob_index]
+                if not done[ref.ci_index]:
+                    done[ref.ci_index] = 1
                     yield ref, whole
 
     def _plan_batches(self) -> Iterator[tuple[int, list[ChunkRef], bool]]:
@@ -191,9 +194,10 @@ def plan_for(pf: "PrefetchConfig | None", paths: list[str]) -> tuple[PrefetchPla
             max(1, min(pf.threads, 4)))
 
 
-def start_prefetch(image: RafsImage, source: object, plan: PrefetchPlan, threads: int = 2) -> Prefetcher | None:
-    """Start prefetching ``plan`` if ``source`` is a chunk cache and there is anything to do."""
-    if not isinstance(source, ChunkCache):
+def start_prefetch(image: RafsImage, source: ChunkSource, plan: PrefetchPlan,
+                   threads: int = 2) -> Prefetcher | None:
+    """Start prefetching ``plan`` if ``source`` keeps what it reads (a chunk cache) and there is anything to do."""
+    if not source.keeps_chunks:
         if plan.paths or plan.whole_blobs:
             log.warning("prefetch needs a chunk cache (cache type 'none' configured): not prefetching")
         return None

@@ -9,23 +9,28 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .blob_file import DATA_SUFFIX, MAP_SUFFIX
+from .blob_file import DATA_SUFFIX, MAP_SUFFIX, blob_id_of, read_ready
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    name: str  # blob id (or deviceN)
+    name: str  # entry name: <blob id>.<table key> (see blob_file), or the blob id alone for older entries
     chunks_total: int
     chunks_ready: int
     disk_bytes: int  # allocated bytes of data + map
     last_used: float  # epoch seconds
     in_use: bool  # a process holds it open
 
+    @property
+    def blob_id(self) -> str:
+        return blob_id_of(self.name)
+
     def as_dict(self) -> dict:
-        return {"blob": self.name, "chunks_ready": self.chunks_ready, "chunks_total": self.chunks_total,
-                "disk_bytes": self.disk_bytes, "last_used": self.last_used, "in_use": self.in_use}
+        return {"blob": self.blob_id, "entry": self.name, "chunks_ready": self.chunks_ready,
+                "chunks_total": self.chunks_total, "disk_bytes": self.disk_bytes, "last_used": self.last_used,
+                "in_use": self.in_use}
 
 
 def _busy(map_path: str) -> bool:
@@ -63,11 +68,10 @@ def list_entries(work_dir: str) -> list[CacheEntry]:
         map_path = os.path.join(work_dir, fn)
         try:
             st = os.lstat(map_path)
-            with open(map_path, "rb") as f:
-                ready = f.read().count(1)
+            total, ready = read_ready(map_path) or (0, 0)  # a map of another version counts as empty
         except OSError:
             continue
-        out.append(CacheEntry(name, st.st_size, ready, _allocated(map_path)
+        out.append(CacheEntry(name, total, ready, _allocated(map_path)
                               + _allocated(os.path.join(work_dir, name + DATA_SUFFIX)),
                               st.st_mtime, _busy(map_path)))
     out.sort(key=lambda e: e.last_used)

@@ -1,5 +1,5 @@
-"""Build a ChunkSource from command-line arguments: ``--config FILE`` or the ``--blob-dir`` / ``--device``
-shorthand for local blobs."""
+"""Make the chunk source a configuration names: the backend, behind the chunk cache or without one.  Also reads
+the command-line form: ``--config FILE`` or the ``--blob-dir`` / ``--device`` shorthand for local blobs."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,9 @@ from ..errors import BlobUnavailable
 from .backend.base import BlobBackend
 from .backend.localfs import LocalFsBackend
 from .cache.chunk_cache import CacheOptions, ChunkCache
-from .cache.metrics import CacheMetrics
-from .direct import DirectChunkSource
+from .cache.none import DEFAULT_RECENT_BYTES, DirectChunkSource
+from .metrics import CacheMetrics
+from .source import ChunkSource
 
 
 def backend_from_config(cfg: RafsConfig) -> BlobBackend:
@@ -23,11 +24,13 @@ def backend_from_config(cfg: RafsConfig) -> BlobBackend:
     return LocalFsBackend(cfg.backend.blob_dir, cfg.backend.devices)
 
 
-def source_from_config(cfg: RafsConfig, metrics: CacheMetrics | None = None) -> DirectChunkSource | ChunkCache:
-    """The configured backend, behind the chunk cache unless the config says ``none``."""
+def source_from_config(cfg: RafsConfig, metrics: CacheMetrics | None = None) -> ChunkSource:
+    """The configured backend, behind the chunk cache unless the config says ``none`` (then with a memory of the
+    last chunks served)."""
     backend = backend_from_config(cfg)
     if cfg.cache.type == "none":
-        return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io, metrics=metrics)
+        return DirectChunkSource(backend, cfg.digest_validate, cfg.amplify_io, metrics=metrics,
+                                 recent_bytes=DEFAULT_RECENT_BYTES)
     return ChunkCache(backend, CacheOptions(work_dir=cfg.cache.work_dir, verify=cfg.digest_validate,
                                             amplify_io=cfg.amplify_io, max_size=cfg.cache.max_size),
                       metrics=metrics)
@@ -62,7 +65,7 @@ def config_from_args(blob_dir: str | None, devices: Sequence[str] | None,
 
 
 def chunk_source_from_args(blob_dir: str | None, devices: Sequence[str] | None,
-                           config: str | None = None) -> DirectChunkSource | ChunkCache | None:
+                           config: str | None = None) -> ChunkSource | None:
     """A verifying chunk source for :func:`config_from_args`, or None.  The caller closes it (``close()``)."""
     cfg = config_from_args(blob_dir, devices, config)
     return None if cfg is None else source_from_config(cfg)

@@ -1,0 +1,196 @@
+"""The chunk sources on their own, over a real image and a real local backend: the source without a cache (and its
+memory of recent chunks), the read executor every source shares, and the deferred source of the nydusd daemon."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rafsfs.blob import BOOTSTRAP, HOLE, BlobRef, ChunkInfo, ChunkRef, ChunkSlice
+from rafsfs.builder import BuildOptions, build
+from rafsfs.errors import BlobUnavailable, RafsError
+from rafsfs.image import RafsImage
+from rafsfs.storage.backend.localfs import LocalFsBackend
+from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
+from rafsfs.storage.cache.none import DirectChunkSource
+from rafsfs.storage.cache.prefetch import PrefetchPlan, start_prefetch
+from rafsfs.storage.deferred import DeferredCache
+from rafsfs.storage.metrics import CacheMetrics
+
+CS = 64 << 10
+
+
+class CountingBackend(LocalFsBackend):
+    def __init__(self, blob_dir: str):
+        super().__init__(blob_dir)
+        self.requests: list[tuple[int, int]] = []
+        self._l = threading.Lock()
+
+    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
+        with self._l:
+            self.requests.append((offset, size))
+        return super().read(blob, offset, size)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
+    d = tmp_path_factory.mktemp("sources")
+    rnd = random.Random(21)
+    (d / "src").mkdir()
+    files = {"/big": rnd.randbytes(5 * CS + 777), "/small": b"a small file\n"}
+    for name, data in files.items():
+        (d / "src" / name[1:]).write_bytes(data)
+    build(BuildOptions(source=str(d / "src"), bootstrap=str(d / "boot"), blob_dir=str(d / "blobs"),
+                       compressor="zstd", chunk_size=CS))
+    return d / "boot", d / "blobs", files
+
+
+# ---------------------------------------------------------------------------- no cache
+def test_no_cache_source_reads_files_and_remembers_recent_chunks(image):
+    boot, blobs, files = image
+    be = CountingBackend(str(blobs))
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(be, recent_bytes=2 * CS) as src:
+        assert src.is_local and not src.keeps_chunks and not src.fully_cached(img.blobs[0])
+        big = img.resolve("/big")
+        # windows that straddle chunk boundaries, as the kernel's read-ahead sends them
+        got = b"".join(img.read(big, off, 48 << 10, src) for off in range(0, big.size, 48 << 10))
+        assert got == files["/big"]
+        nchunks = -(-big.size // CS)
+        assert len(be.requests) == nchunks  # each chunk fetched once (the chunk table locates them: no meta I/O)
+        assert src.recent.hits > 0 and src.recent._bytes <= 2 * CS
+        # a chunk pushed out of the memory is fetched again
+        be.requests.clear()
+        assert img.read(big, 0, 10, src) == files["/big"][:10]
+        assert len(be.requests) == 1
+        assert src.metrics.backend_requests == nchunks + 1
+
+
+def test_no_cache_source_without_memory_fetches_every_time(image):
+    boot, blobs, files = image
+    be = CountingBackend(str(blobs))
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(be) as src:
+        big = img.resolve("/big")
+        assert src.recent is None
+        for _ in range(2):
+            assert img.read(big, CS - 5, 10, src) == files["/big"][CS - 5:CS + 5]
+        assert len(be.requests) == 2  # chunks 0 and 1 merged into one request, twice
+
+
+@pytest.mark.allow_log("prefetch needs a chunk cache")
+def test_no_cache_source_does_not_prefetch(image):
+    boot, blobs, _files = image
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(LocalFsBackend(str(blobs))) as src:
+        assert start_prefetch(img, src, PrefetchPlan(paths=["/big"])) is None
+
+
+def test_executor_joins_blob_data_holes_and_image_data(image):
+    """``ChunkSource.read``: slices of one blob read together, holes as zeros, bootstrap-resident data through the
+    caller, all in the order given."""
+    boot, blobs, files = image
+    be = CountingBackend(str(blobs))
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(be) as src:
+        big = img.resolve("/big")
+        slices = img.map_range(big, CS - 100, 200, src)  # two chunks
+        hole = ChunkSlice(0, ChunkRef(HOLE, 0, ChunkInfo(0, 7, 0, 7, False)), 0, 7)
+        local = ChunkSlice(0, ChunkRef(BOOTSTRAP, 0, ChunkInfo(1024, 4, 1024, 4, False)), 0, 4)
+        asked = []
+
+        def from_image(s: ChunkSlice) -> bytes:
+            asked.append(s)
+            return b"BOOT"
+
+        out = src.read(img.blobs, [slices[0], hole, local, slices[1]], from_image)
+        want = files["/big"]
+        assert out == want[CS - 100:CS] + bytes(7) + b"BOOT" + want[CS:CS + 100]
+        assert asked == [local]
+        assert len(be.requests) == 1  # both chunks of the blob in one merged request
+        # the reader's own read goes the same way
+        assert img.read(big, 0, big.size, src) == want
+        with pytest.raises(RafsError, match="no blob source"):
+            img.read(big, 0, 10, None)
+
+
+# ---------------------------------------------------------------------------- deferred
+def test_deferred_source_builds_once_in_the_background(image, tmp_path):
+    boot, blobs, files = image
+    metrics = CacheMetrics()
+    go = threading.Event()
+    builds, hooks = [], []
+
+    def build_cache(m):
+        assert m is metrics  # counters are shared: they can be read before the cache exists
+        go.wait(10)
+        builds.append(1)
+        return ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "cache")), metrics=m)
+
+    src = DeferredCache(build_cache, metrics)
+    src.after_build.append(lambda cache: hooks.append(("first", cache)))
+    src.after_build.append(lambda cache: hooks.append(("second", cache)))
+    assert src.metrics is metrics and not src.is_local  # answered without waiting for the build
+    with RafsImage.open(str(boot)) as img:
+        big = img.resolve("/big")
+        src.start()
+        src.start()  # idempotent
+        got = []
+        reader = threading.Thread(target=lambda: got.append(img.read(big, 0, big.size, src)))
+        reader.start()
+        time.sleep(0.2)
+        assert reader.is_alive() and not builds  # the read waits for the build
+        go.set()
+        reader.join(10)
+        assert builds == [1]
+        cache = src.get()
+        assert got == [files["/big"]]
+        src.seal()  # waits for the hooks under way
+        assert hooks == [("first", cache), ("second", cache)]
+        assert src.keeps_chunks and src.fully_cached(img.blobs[0]) == cache.fully_cached(img.blobs[0])
+        assert metrics.backend_requests > 0
+    assert src.close() is True
+
+
+@pytest.mark.allow_log("the registry is unreachable")
+def test_deferred_source_that_cannot_be_built_fails_every_read_cleanly(image):
+    boot, _blobs, _files = image
+
+    def build_cache(m):
+        raise BlobUnavailable("the registry is unreachable")
+
+    src = DeferredCache(build_cache)
+    ran = []
+    src.after_build.append(ran.append)
+    with RafsImage.open(str(boot)) as img:
+        big = img.resolve("/big")
+        errors = []
+        for _ in range(2):
+            with pytest.raises(BlobUnavailable, match="unreachable") as ei:
+                img.read(big, 0, 10, src)
+            errors.append(ei.value)
+        assert errors[0] is not errors[1]  # a fresh error per read: one object raised again grows its traceback
+    assert ran == [] and src.close() is True
+
+
+@pytest.mark.allow_log("building the chunk source", "could not be built")
+def test_deferred_source_turns_a_bug_in_the_build_into_blob_unavailable():
+    src = DeferredCache(lambda m: 1 / 0)
+    with pytest.raises(BlobUnavailable, match="could not be built"):
+        src.get()
+
+
+@pytest.mark.allow_log("still being built")
+def test_deferred_source_close_does_not_wait_forever_for_a_stuck_build():
+    stuck = threading.Event()
+    src = DeferredCache(lambda m: stuck.wait(30))
+    ran = []
+    src.after_build.append(ran.append)
+    src.start()
+    src.seal()  # the daemon stops what the hooks would start first
+    t0 = time.monotonic()
+    assert src.close(wait=0.2) is False
+    assert time.monotonic() - t0 < 5
+    stuck.set()  # the build ends now: sealed, so no hook runs
+    assert src._done.wait(5)
+    time.sleep(0.05)
+    assert ran == []
