@@ -3,7 +3,7 @@ the chunk cache, and answers.
 
 One event = a range of one blob's data file that the kernel's EROFS is about to read.  The range is clipped to the
 blob's size (the kernel widens it to whole pages, past EOF too); an empty range is allowed at once.  The chunks that
-cover it come from the image's blob layout (``RafsImage.blob_chunks``) and are made present by ``ChunkCache.fill``
+cover it come from the blob's metadata (``BlobMeta.chunks_at``) and are made present by ``ChunkCache.fill``
 (fetch, merge, decompress, verify, store: the path every mode shares).  ``FAN_ALLOW`` is written only after every one
 of those chunks is marked ready in the cache's map (a chunk is marked only after its verified bytes are written);
 anything else is ``FAN_DENY_ERRNO(EIO)``.  Holes are never allowed.
@@ -23,18 +23,20 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from rafsfs.blob import BlobInfo
 from rafsfs.errors import RafsError
-from rafsfs.image import BlobInfo, RafsImage
 from rafsfs.storage.cache.blob_file import BlobCacheFile
 from rafsfs.storage.cache.chunk_cache import ChunkCache
 
 from . import fanotify as fa
+from . import records
 from .journal import GOT, Journal
 
 log = logging.getLogger(__name__)
 
 HANDLERS = 16  # events filled at the same time
 LATENCIES = 1 << 16  # handler latencies kept for p50/p99
+SHARED_RECHECK = 0.5  # seconds between looks whether another daemon serves a data file too
 
 
 @dataclass(eq=False)
@@ -42,9 +44,11 @@ class Target:
     """A blob's data file as the kernel reads it (the ``device=`` of the mount)."""
 
     blobs: list[BlobInfo]  # the image's blobs stored in this entry (one, unless the image lists a blob twice)
-    entry: BlobCacheFile  # opened before the mark: the descriptor every write goes through
+    entry: BlobCacheFile  # its data_fd was opened before the mark: the descriptor every write goes through
     size: int  # bytes: ranges are clipped to this
     marked: bool
+    shared: bool = False  # another live daemon serves this data file (see _fill_range)
+    shared_checked: float = -1e9
 
     @property
     def path(self) -> str:
@@ -52,12 +56,11 @@ class Target:
 
 
 class Filler:
-    def __init__(self, group: int, journal: Journal, image: RafsImage, cache: ChunkCache, targets: list[Target],
+    def __init__(self, group: int, journal: Journal, cache: ChunkCache, targets: list[Target],
                  handlers: int = HANDLERS):
         self.group = group
         self.pid = os.getpid()
         self.journal = journal
-        self.image = image
         self.cache = cache
         self.targets = targets
         self.by_inode: dict[tuple[int, int], Target] = {}
@@ -80,12 +83,23 @@ class Filler:
         if count == 0 or offset >= end:
             return True
         ok = True
+        fetched = False
         for blob in t.blobs:
-            chunks = self.image.blob_chunks(blob, offset, end - offset, self.cache)
+            chunks = self.cache.meta(blob).chunks_at(offset, end - offset)
             if chunks:
-                self.cache.fill(self.image, blob, chunks)
+                fetched = fetched or not all(self.cache.is_ready(blob, c) for c in chunks)
+                self.cache.fill(blob, chunks)
             ok = ok and all(self.cache.is_ready(blob, c) for c in chunks)
+        if fetched and ok and self._shared(t):
+            self.cache.sync()  # the other daemon's group sees this read next: it must find the chunks ready
         return ok
+
+    def _shared(self, t: Target) -> bool:
+        now = time.monotonic()
+        if now - t.shared_checked > SHARED_RECHECK:
+            t.shared = records.shared_with_others(t.path)
+            t.shared_checked = now
+        return t.shared
 
     def _decide(self, ev: fa.Event, targets: list[Target]) -> int:
         """The answer for ``ev`` once its range is filled in each of ``targets``: the one place errors become an

@@ -2,15 +2,18 @@
 
 Survival design A of ``../shared/spec/fanotify-precontent.md`` §7.1:
 
-* The **supervisor** (the process that calls :func:`run_fanotify`) opens every blob's cache entry (the data file's
+* The **supervisor** (the mount session's process: :class:`~.runner.FanotifyRunner` calls :func:`serve`) has the
+  session's chunk cache open every blob's entry (the data file's
   descriptor BEFORE the mark: writes through it raise no events), creates the pre-content group, marks the data files
   of incomplete blobs (complete ones get no mark: the kernel alone serves them), forks the first worker, waits until it
   reads events, then mounts the bootstrap file-backed with each data file as ``device=``.  It never reads or answers
   events: it only holds the group and the descriptors, re-forks a worker that dies, and unmounts on SIGTERM before the
   group closes.  It stays single-threaded (it forks).
-* A **worker** inherits all that, builds the backend and chunk cache over the inherited entries, answers what its
-  predecessor left in the shared journal (:meth:`Filler.recover`), then reads events into the journal itself
-  (:class:`~.journal.Journal`) and fills them; it also serves the API socket (``rafsfs stats``) and runs prefetch.
+* A **worker** (forked) inherits all that, builds its own chunk cache over the same entries with the inherited
+  before-mark descriptors in place of its own, answers what its predecessor left in the shared journal
+  (:meth:`Filler.recover`), then reads events into the journal itself (:class:`~.journal.Journal`) and fills them.
+  The session (API socket, prefetch through the session's cache, whose descriptors predate the mark too) stays in
+  the supervisor; the worker's counters reach the API through a shared page.
   Workers die with the supervisor (``PR_SET_PDEATHSIG``, then a ``getppid`` check); SIGTERM is blocked around
   fork + record, so no worker is ever left running unrecorded.
 * If the supervisor itself dies, the group closes and the kernel fails open: :mod:`.records` lets ``rafsfs mount``
@@ -20,26 +23,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
+import mmap
 import os
 import select
 import signal
-import sys
+import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rafsfs import sysmount
 from rafsfs.config import RafsConfig
 from rafsfs.errors import RafsError
 from rafsfs.image import RafsImage
-from rafsfs.storage.cache.blob_file import BlobCacheFile, entry_name
 
 from . import fanotify as fa
 from . import records
 from .filler import HANDLERS, Filler, Target
 from .journal import Journal
-from .probe import unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +58,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class FanotifyError(RafsError):
     pass
-
-
-@dataclass
-class FanotifyOptions:
-    apisock: str | None = None  # the worker serves the nydusd-compatible API here
-    prefetch: object | None = None  # a rafsfs.storage.cache.prefetch.PrefetchPlan, run by each worker
-    prefetch_threads: int = 2
-    handlers: int = HANDLERS
-    journal_slots: int = 16
-    extra_metrics: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- the worker
@@ -95,18 +88,27 @@ def _worker_main(sup: "_Supervisor", ready_w: int) -> None:
 
 
 def _worker(sup: "_Supervisor", ready_w: int) -> None:
-    from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
-    from rafsfs.storage.open import backend_from_config
-
-    cfg = sup.cfg
-    cache = ChunkCache(backend_from_config(cfg), CacheOptions(
-        work_dir=cfg.cache.work_dir, verify=cfg.digest_validate, amplify_io=cfg.amplify_io,
-        max_size=cfg.cache.max_size))
-    for t in sup.targets:
-        cache.adopt_entry(t.entry)
-    filler = Filler(sup.group, sup.journal, sup.image, cache, sup.targets, sup.opts.handlers)
-    filler.recover()  # before the first read: see journal.py
+    """A chunk cache of its own (nothing of the supervisor's threads or locks is touched after the fork), over the
+    same entries, writing through the supervisor's before-mark descriptors."""
     import threading
+
+    from rafsfs.storage.cache.chunk_cache import ChunkCache
+    from rafsfs.storage.factory import source_from_config
+
+    cache = source_from_config(sup.cfg)
+    if not isinstance(cache, ChunkCache):
+        raise FanotifyError("fanotify mode needs a chunk cache")
+    targets = []
+    for t in sup.targets:
+        entry = None
+        for blob in t.blobs:
+            entry = cache.entry(blob)
+        assert entry is not None
+        os.dup2(t.fill_fd, entry.data_fd, inheritable=False)  # the before-mark descriptor in place of ours
+        entry.refresh()
+        targets.append(Target(t.blobs, entry, t.size, t.marked))
+    filler = Filler(sup.group, sup.journal, cache, targets, sup.handlers)
+    filler.recover()  # before the first read: see journal.py
 
     def read_events() -> None:
         try:
@@ -121,55 +123,72 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
     except OSError:  # a respawned worker: the supervisor does not wait for this
         pass
     os.close(ready_w)
-    _serve_worker(sup, cache, filler)
+    while True:  # counters for the API, and marks off blobs that became complete
+        sup.stats.publish({**cache.metrics.snapshot(), "fanotify": filler.stats()})
+        for t in targets:
+            if not t.marked:
+                continue
+            if 0 in t.entry.ready:
+                t.entry.refresh()  # chunks the session's prefetch stored
+            if all(cache.fully_cached(b) for b in t.blobs):
+                try:
+                    fa.remove_mark(sup.group, t.path)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                t.marked = False
+                log.info("blob %s is complete: mark removed, the kernel reads it alone", t.entry.name)
+        time.sleep(COMPLETE_CHECK)
 
 
-def _serve_worker(sup: "_Supervisor", cache, filler: Filler) -> None:
-    """API, prefetch, and removal of marks from blobs that became complete; until killed."""
-    import secrets
+class SharedStats:
+    """The worker's counters, published in shared memory for the supervisor's API (JSON, length-prefixed)."""
 
-    from rafsfs.api.server import DaemonHooks, MountEntry, serve_api
-    from rafsfs.storage.cache.prefetch import start_prefetch
+    SIZE = 1 << 16
 
-    def metrics() -> dict:
-        return {**cache.metrics.snapshot(), "fanotify": filler.stats()}
+    def __init__(self):
+        self.mm = mmap.mmap(-1, self.SIZE, flags=mmap.MAP_SHARED)
 
-    hooks = DaemonHooks(metrics=metrics, work_dir=sup.cfg.cache.work_dir,
-                        on_exit=lambda: os.kill(sup.pid, signal.SIGTERM),
-                        mounts=[MountEntry(mountpoint=sup.mountpoint, bootstrap=sup.image.name, mode="fanotify")])
-    with serve_api(sup.opts.apisock, secrets.token_hex(10), hooks) as api:
-        if sup.opts.prefetch is not None:
-            start_prefetch(sup.image, cache, sup.opts.prefetch, sup.opts.prefetch_threads)
-        running = False
-        while True:
-            if not running and records.mount_ids(sup.mountpoint):
-                running = True
-                if api is not None:
-                    api.running()
-            for t in sup.targets:
-                if t.marked and all(cache.fully_cached(b) for b in t.blobs):
-                    try:
-                        fa.remove_mark(sup.group, t.path)
-                    except OSError as e:
-                        if e.errno != errno.ENOENT:
-                            raise
-                    t.marked = False
-                    log.info("blob %s is complete: mark removed, the kernel reads it alone", t.entry.name)
-            time.sleep(COMPLETE_CHECK)
+    def publish(self, stats: dict) -> None:
+        raw = json.dumps(stats).encode()
+        if len(raw) + 8 <= self.SIZE:
+            self.mm[8:8 + len(raw)] = raw
+            self.mm[0:8] = struct.pack("<Q", len(raw))
+
+    def read(self) -> dict:
+        try:
+            (n,) = struct.unpack("<Q", self.mm[0:8])
+            return json.loads(self.mm[8:8 + n]) if 0 < n <= self.SIZE - 8 else {}
+        except ValueError:
+            return {}
 
 
 # ---------------------------------------------------------------------------------------------- the supervisor
+@dataclass(eq=False)
+class _Held:
+    """A data file as the supervisor holds it."""
+
+    blobs: list
+    path: str
+    fill_fd: int  # the session cache's descriptor, opened before the mark
+    size: int
+    marked: bool = False
+    ready: bytearray | None = None
+
+
 class _Supervisor:
-    def __init__(self, image: RafsImage, cfg: RafsConfig, mountpoint: str, opts: FanotifyOptions):
+    def __init__(self, image: RafsImage, cfg: RafsConfig, source, mountpoint: str, handlers: int, slots: int):
         self.image = image
         self.cfg = cfg
+        self.source = source
         self.mountpoint = mountpoint
-        self.opts = opts
+        self.handlers = handlers
         self.pid = os.getpid()
-        self.targets: list[Target] = []
+        self.targets: list[_Held] = []
         self.devices: list[str] = []
         self.group = -1
-        self.journal = Journal(opts.journal_slots)
+        self.journal = Journal(slots)
+        self.stats = SharedStats()
         self.worker = 0
         self.worker_fd = -1  # pidfd
         self.deaths: list[float] = []
@@ -179,49 +198,32 @@ class _Supervisor:
 
     # -------------------------------------------------------------- setting up
     def open_entries(self) -> None:
-        by_name: dict[str, Target] = {}
+        by_name: dict[str, _Held] = {}
         for blob in self.image.blobs:
             if not blob.nydus or not blob.blob_id:
                 raise FanotifyError(f"{self.image.name}: device {blob.index + 1} is not a Nydus blob; fanotify mode "
                                     "serves blobs through the chunk cache")
             if blob.chunk_count and not blob.uncompressed_size:
                 raise FanotifyError(f"{self.image.name}: blob {blob.blob_id} has no uncompressed size")
-            name = entry_name(blob)
-            t = by_name.get(name)
+            entry = self.source.entry(blob)  # BEFORE the mark (module docstring)
+            t = by_name.get(entry.name)
             if t is None:
-                entry = BlobCacheFile(self.cfg.cache.work_dir, blob)  # BEFORE the mark (module docstring)
                 borrowed = records.borrow_fill_fd(entry.data_path)
                 if borrowed is not None:  # another daemon marked it already: use its before-mark descriptor
                     os.dup2(borrowed[0], entry.data_fd, inheritable=False)
                     os.close(borrowed[0])
-                    log.info("blob %s: sharing the data file of fanotify daemon %d", name, borrowed[1])
-                t = by_name[name] = Target([], entry, max(blob.uncompressed_size, os.fstat(entry.data_fd).st_size),
-                                           False)
+                    log.info("blob %s: sharing the data file of fanotify daemon %d", entry.name, borrowed[1])
+                t = by_name[entry.name] = _Held([], entry.data_path, entry.data_fd,
+                                                 max(blob.uncompressed_size, os.fstat(entry.data_fd).st_size),
+                                                 ready=entry.ready)
                 self.targets.append(t)
             t.blobs.append(blob)
             self.devices.append(t.path)
 
-    def prepare(self) -> None:
-        """What every worker would otherwise redo after each fork: imports, and the blob layouts when the bootstrap
-        has a chunk table (pure metadata; nothing here starts a thread or opens a connection)."""
-        from rafsfs.errors import BadImage
-        from rafsfs.storage.open import backend_from_config  # noqa: F401 - imports only
-        from rafsfs.storage.cache import chunk_cache, prefetch  # noqa: F401
-        from rafsfs.api import server  # noqa: F401
-
-        if self.cfg.backend.type == "registry":
-            from rafsfs.storage.backend import registry  # noqa: F401
-        self.image.chunk_table()
-        for blob in self.image.blobs:
-            try:
-                self.image.blob_chunks(blob, 0, 1, None)
-            except BadImage:
-                pass  # no chunk table: each worker reads blob.meta through the cache when first asked
-
     def mark(self) -> None:
         self.group = fa.init()
         for t in self.targets:
-            if all(b.chunk_count == 0 or 0 not in t.entry.ready for b in t.blobs):
+            if all(b.chunk_count == 0 for b in t.blobs) or (t.ready is not None and 0 not in t.ready):
                 continue  # complete: the kernel reads it alone
             fa.add_mark(self.group, t.path)
             t.marked = True
@@ -273,7 +275,7 @@ class _Supervisor:
         self.mount_id = ids[-1] if ids else 0
         records.write_record(records.MountRecord(self.mountpoint, self.image.name, self.pid,
                                                  records.process_start(self.pid) or 0, self.mount_id, self.devices,
-                                                 [t.entry.data_fd for t in self.targets]))
+                                                 [t.fill_fd for t in self.targets]))
         log.info("mounted %s on %s (fanotify, supervisor pid %d)", self.image.name, self.mountpoint, self.pid)
 
     # -------------------------------------------------------------- running
@@ -340,17 +342,18 @@ class _Supervisor:
         return True
 
     def close(self) -> None:
+        """Worker, then group (the session closes the entries)."""
         self.kill_worker()
         if self.group >= 0:
             os.close(self.group)
             self.group = -1
-        for t in self.targets:
-            t.entry.close()
         records.remove_record(self.mountpoint)
 
 
-def preflight(mountpoint: str, work_dir: str) -> None:
-    """One line on why a fanotify mount cannot start here."""
+def preflight(mountpoint: str) -> None:
+    """One line on why a fanotify mount cannot start at ``mountpoint`` (the probe is the mode selection's)."""
+    if os.geteuid() != 0:
+        raise FanotifyError("fanotify mode needs root (CAP_SYS_ADMIN)")
     if not os.path.isdir(mountpoint):
         raise FanotifyError(f"mountpoint {mountpoint} is not a directory")
     orphan = records.orphan_message(mountpoint)
@@ -358,33 +361,32 @@ def preflight(mountpoint: str, work_dir: str) -> None:
         raise FanotifyError(orphan)
     if records.mount_ids(mountpoint):
         raise FanotifyError(f"mountpoint {mountpoint} is busy: something is already mounted there")
-    reason = unavailable_reason(work_dir)
-    if reason is not None:
-        raise FanotifyError(f"--mode fanotify is not available: {reason}")
 
 
-def run_fanotify(image: RafsImage, cfg: RafsConfig, mountpoint: str, options: FanotifyOptions | None = None, *,
-                 ready: Callable[[], None] | None = None) -> None:
-    """Mount ``image`` (kernel EROFS, file-backed, data files of the chunk cache in ``cfg.cache.work_dir`` as its
-    devices) on ``mountpoint`` and keep its holes filled until unmounted or SIGTERM/SIGINT/SIGHUP; then unmount (if
-    still mounted), stop the worker and close the group, in that order.  The calling process must be
-    single-threaded: it forks the workers.  ``ready`` is called once the mount is up."""
-    opts = options or FanotifyOptions()
-    mountpoint = os.path.realpath(mountpoint)
-    preflight(mountpoint, cfg.cache.work_dir)
-    sup = _Supervisor(image, cfg, mountpoint, opts)
+def serve(image: RafsImage, cfg: RafsConfig, source, mountpoint: str, *, ready: Callable[[], None] | None = None,
+          add_metrics: Callable[[Callable[[], dict]], None] | None = None, handlers: int = HANDLERS,
+          journal_slots: int = 16) -> None:
+    """Mount ``image`` (kernel EROFS, file-backed, the data files of ``source``, a chunk cache, as its devices) on
+    ``mountpoint`` and keep its holes filled until unmounted or SIGTERM/SIGINT/SIGHUP; then unmount (if still
+    mounted), stop the worker and close the group, in that order.  Runs in the main thread (signals, and the
+    workers' PR_SET_PDEATHSIG follow the thread that forks them).  ``ready`` is called once the mount is up;
+    ``add_metrics`` gets a function returning the worker's counters (the API shows them)."""
+    if not hasattr(source, "entry"):
+        raise FanotifyError("fanotify mode needs a chunk cache (a config with a cache, or a registry reference)")
+    sup = _Supervisor(image, cfg, source, mountpoint, handlers, journal_slots)
     old_handlers = {s: signal.signal(s, sup._on_signal) for s in _STOP_SIGNALS}
     old_wakeup = signal.set_wakeup_fd(sup._wake_w)
     mounted = False
     try:
         sup.open_entries()
-        sup.prepare()
         sup.mark()
         sup.wait_ready(sup.spawn())
         if sup.stop:
             return
         sup.do_mount()
         mounted = True
+        if add_metrics is not None:
+            add_metrics(sup.stats.read)
         if ready is not None:
             ready()
         sup.serve()
@@ -397,46 +399,3 @@ def run_fanotify(image: RafsImage, cfg: RafsConfig, mountpoint: str, options: Fa
         signal.set_wakeup_fd(old_wakeup)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-
-# ---------------------------------------------------------------------------------------------- a front end
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fanotify_backend.mount BOOTSTRAP MOUNTPOINT --config FILE | --blob-dir DIR [--work-dir DIR]``:
-    the mode on its own, in the foreground (the tests drive it; ``rafsfs mount --mode fanotify`` is the front end)."""
-    import argparse
-
-    from rafsfs.config import DEFAULT_WORK_DIR
-    from rafsfs.storage.open import config_from_args
-
-    p = argparse.ArgumentParser(prog="fanotify_backend.mount")
-    p.add_argument("bootstrap")
-    p.add_argument("mountpoint")
-    p.add_argument("--config")
-    p.add_argument("--blob-dir")
-    p.add_argument("--work-dir", help="cache directory (default: the config's, else " + DEFAULT_WORK_DIR + ")")
-    p.add_argument("--apisock")
-    p.add_argument("--prefetch-all", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
-    try:
-        cfg = config_from_args(args.blob_dir, None, args.config)
-        if cfg is None:
-            raise FanotifyError("give --config or --blob-dir")
-        if args.work_dir:
-            cfg.cache.work_dir = args.work_dir
-        prefetch = None
-        if args.prefetch_all:
-            from rafsfs.storage.cache.prefetch import PrefetchPlan
-            prefetch = PrefetchPlan(use_table=False, whole_blobs=True)
-        image = RafsImage.open(args.bootstrap)
-        run_fanotify(image, cfg, args.mountpoint, FanotifyOptions(apisock=args.apisock, prefetch=prefetch))
-    except RafsError as e:
-        print(f"rafsfs: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

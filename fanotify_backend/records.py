@@ -120,6 +120,34 @@ def borrow_fill_fd(path: str) -> tuple[int, int] | None:
     return None
 
 
+def shared_with_others(path: str) -> bool:
+    """Another live fanotify daemon serves data file ``path`` too (then chunks stored for it must be committed to
+    the shared ready map before an answer: that daemon's group sees the same read right after ours)."""
+    try:
+        want = os.stat(path)
+        names = os.listdir(run_dir())
+    except OSError:
+        return False
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(run_dir(), name)) as f:
+                rec = MountRecord(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if rec.pid == os.getppid() or rec.pid == os.getpid() or not alive(rec):
+            continue
+        for p in rec.data_files:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return True
+    return False
+
+
 def mount_path(mount_id: int) -> str | None:
     """Where mount ``mount_id`` is now (its mountpoint may have been renamed since), None if it is gone."""
     with open("/proc/self/mountinfo") as f:

@@ -136,6 +136,7 @@ class ServedMount:
     is_local: bool  # reads never wait on the network (see :class:`SourceTraits`)
     ready: Callable[[], None]  # call once the mount is in place and reads can be served
     options: dict = field(default_factory=dict)  # MountSpec.options
+    hooks: "DaemonHooks | None" = None  # the API's view of the daemon: a runner may add to it (its own counters)
 
 
 class Runner(Protocol):
@@ -311,7 +312,7 @@ class MountSession:
         self.runner.run(ServedMount(image=self.image, source=self.source, mountpoint=self.mountpoint,
                                     config=self.spec.config, fsname=self.spec.fsname,
                                     is_local=source_traits(self.source).is_local, ready=self._ready,
-                                    options=self.spec.options))
+                                    options=self.spec.options, hooks=self.hooks))
 
     # ------------------------------------------------------------------ teardown
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise RafsError("give a MOUNTPOINT or --apisock SOCK (one of them)")
     stats = None
     if args.mountpoint is not None:
+        _check_orphan(args.mountpoint)
         from fscache_backend.service import mount_stats  # the front end composes the backend
 
         stats = mount_stats(args.mountpoint)  # None: not an fscache mount
@@ -37,3 +38,14 @@ def run(args: argparse.Namespace) -> int:
         stats = read_stats(sock)
     println(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
+
+
+def _check_orphan(mountpoint: str) -> None:
+    """A fanotify mount whose daemon is gone reads holes as zeros: say so (and how to recover) instead of stats."""
+    try:
+        from fanotify_backend.records import orphan_message
+    except ImportError:
+        return
+    msg = orphan_message(mountpoint)
+    if msg is not None:
+        raise RafsError(msg)

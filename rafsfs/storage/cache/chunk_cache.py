@@ -34,6 +34,7 @@ from ..meta import BlobMeta, MetaCache
 from ..metrics import CacheMetrics
 from ..source import ChunkSource
 from . import store
+from .blob_file import HEADER as MAP_HEADER
 from .blob_file import BlobCacheFile, EntryBusy, entry_name, table_key
 
 log = logging.getLogger(__name__)
@@ -316,32 +317,25 @@ class ChunkCache(ChunkSource):
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
 
-    def adopt_entry(self, entry: BlobCacheFile) -> None:
-        """Use ``entry``, opened elsewhere, for its blob: in fanotify mode the supervisor opens every data file before
-        placing the pre-content mark (writes through such a descriptor raise no events) and its forked workers fill
-        through it.  The ready map is read again: an earlier worker may have filled chunks since it was opened."""
-        entry.ready[:] = os.pread(entry.map_fd, len(entry.ready), 0)
-        with self._lock:
-            self._blobs[entry.name] = entry
-
-    def fill(self, image: RafsImage, blob: BlobInfo, chunks: list[ChunkRef]) -> None:
+    def fill(self, blob: BlobInfo, chunks: list[ChunkRef]) -> None:
         """Make ``chunks`` present in the data file for a reader that reads it directly (the kernel, in fanotify
-        mode): like a read (readahead, neighbours), without copying the bytes out.  Chunks another process filled
-        meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again."""
-        bc = self._blob(blob)
+        mode): like a read (readahead, neighbours), without copying the bytes out.  Chunks another process stored
+        meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again.
+        BlobUnavailable if the blob has no entry here (its data file is what the reader reads)."""
+        bc = self.entry(blob)
         missing = [c.ci_index for c in chunks if not bc.is_ready(c.ci_index)]
         if missing:
             lo, hi = min(missing), max(missing) + 1
-            fresh = os.pread(bc.map_fd, hi - lo, lo)
+            disk = os.pread(bc.map_fd, hi - lo, MAP_HEADER.size + lo)
             for ci in missing:
-                if ci - lo < len(fresh) and fresh[ci - lo] == 1:
+                if ci - lo < len(disk) and disk[ci - lo] == 1:
                     bc.ready[ci] = 1
         if all(bc.is_ready(c.ci_index) for c in chunks):
             self.metrics.hit()
             return
-        if self.opts.readahead:
-            self._read_ahead(image, blob, bc, chunks)
-        self.ensure(blob, chunks, along=self._neighbours(image, blob, bc, chunks))
+        if self.opts.readahead and self._storing(bc):
+            self._read_ahead(blob, bc, chunks)
+        self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
 
     def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
         """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
