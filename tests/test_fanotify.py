@@ -148,6 +148,15 @@ class FanotifyMount:
 
         return ApiClient(self.apisock).cache_metrics()
 
+    def fanotify_stats(self, until=lambda st: True, timeout: float = 10) -> dict:
+        """The worker's counters (published every 0.5 s: wait until ``until(stats)`` holds, or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.metrics().get("fanotify") or {}
+            if (st and until(st)) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
     def stop(self, how: str = "sigterm") -> None:
         """Stop it and check that nothing is left: no mount, no process, no group marking its data files."""
         worker = children(self.pid)
@@ -259,7 +268,7 @@ def test_tricky_tree_equals_source(tricky_src, tmp_path, compressor):
     try:
         assert "1 of 1 blob(s) marked" in m.log_text()
         assert_trees_equal(tricky_src, m.mnt, check_symlink_mtime=True)
-        assert m.metrics()["fanotify"]["events"] > 0  # the kernel asked, the daemon filled
+        assert m.fanotify_stats(lambda st: st["events"] > 0)["events"] > 0  # the kernel asked, the daemon filled
     except BaseException:
         m.kill()
         raise
@@ -283,7 +292,7 @@ def test_corrupt_chunk_is_eio_for_its_file_only(data_image, tmp_path):
         for p, data in files.items():
             if p != "/small/f3":
                 assert read_errno(m.mnt / p.lstrip("/")) == data, p
-        assert m.metrics()["fanotify"]["denied"] >= 1
+        assert m.fanotify_stats(lambda st: st["denied"] >= 1)["denied"] >= 1
     except BaseException:
         m.kill()
         raise
@@ -344,7 +353,8 @@ def test_restart_over_a_complete_cache_asks_nothing_and_marks_nothing(data_image
             drop_caches()
             for p, data in files.items():
                 assert read_errno(m.mnt / p.lstrip("/")) == data, p
-            assert m.metrics()["fanotify"]["events"] == 0
+            time.sleep(1.0)  # two publications of the worker's counters
+            assert m.fanotify_stats()["events"] == 0
         except BaseException:
             m.kill()
             raise
