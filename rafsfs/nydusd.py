@@ -107,7 +107,8 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
     cache_dir = cfg.cache.work_dir if cfg is not None and cfg.cache.type != "none" else None
     mode = select_mode(os.environ.get(MODE_ENV, "auto"), MountRequest(cache_dir=cache_dir, options=()),
                        SESSION_MODES, what=MODE_ENV)
-    deferred = cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
+    # fanotify opens every cache entry before its mark, and marks before it mounts: its source is built first
+    deferred = mode == "fuse" and cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
     spec = MountSpec(bootstrap=args.bootstrap, mountpoint=args.mountpoint, config=cfg,
                      source_mode="deferred" if deferred else "eager", apisock=args.apisock,
                      prefetch=args.prefetch_files, daemon_id=args.id, api_mountpoint="/", hold_init=HOLD_INIT)
