@@ -2,6 +2,7 @@
 before it is trusted, and bounded in memory whatever a bootstrap claims."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -170,6 +171,35 @@ def test_saved_metadata_that_does_not_match_is_fetched_again(no_table_image, tmp
     assert _read_all(img, cache) == files and be.requests == []
     cache.close()
     img.close()
+
+
+def test_saved_metadata_goes_with_the_last_entry_of_its_blob(no_table_image, tmp_path):
+    """``rafsfs cache gc`` (and eviction under ``max_size``) removes a blob's saved metadata with its last cache
+    entry: on the old code every ``<blob id>.blob.meta`` stayed in the directory forever, outside the size cap."""
+    from rafsfs.storage.cache.store import evict
+
+    boot, blobs, files = no_table_image
+    work = tmp_path / "cache"
+    img, be, cache = _session(boot, blobs, work)
+    assert _read_all(img, cache) == files
+    blob = img.blobs[0]
+    cache.close()
+    img.close()
+    assert (work / (blob.blob_id + META_SUFFIX)).is_file()
+    # a second blob with two entries (two chunk tables): its metadata stays while one of them is in use
+    other = "cd" * 32
+    (work / (other + META_SUFFIX)).write_bytes(b"x")
+    (work / (other + ".0123456789abcdef.chunk_map")).write_bytes(b"")
+    busy = os.open(work / (other + ".fedcba9876543210.chunk_map"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(busy, fcntl.LOCK_SH)
+        assert {e.name for e in evict(str(work))} >= {other + ".0123456789abcdef"}
+        assert (work / (other + META_SUFFIX)).exists()
+        assert not (work / (blob.blob_id + META_SUFFIX)).exists()
+    finally:
+        os.close(busy)
+    evict(str(work))
+    assert sorted(os.listdir(work)) == [], sorted(os.listdir(work))
 
 
 def test_source_without_cache_reads_metadata_once(no_table_image):

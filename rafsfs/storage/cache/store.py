@@ -9,7 +9,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .blob_file import DATA_SUFFIX, MAP_SUFFIX, blob_id_of, read_ready
+from ..meta import META_SUFFIX
+from .blob_file import DATA_SUFFIX, MAP_SUFFIX, blob_id_of, entries_of, read_ready
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,21 @@ def remove_entry(work_dir: str, name: str) -> bool:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        _drop_meta(work_dir, blob_id_of(name))
         return True
     finally:
         os.close(fd)
+
+
+def _drop_meta(work_dir: str, blob_id: str) -> None:
+    """A blob's saved metadata (:mod:`..meta`) goes with its last entry: else it would stay forever, outside the
+    size cap.  (A process that saves it again meanwhile only fetches it once more at its next start.)"""
+    if entries_of(work_dir, blob_id):
+        return
+    try:
+        os.unlink(os.path.join(work_dir, blob_id + META_SUFFIX))
+    except FileNotFoundError:
+        pass
 
 
 def usage(work_dir: str) -> int:
