@@ -202,6 +202,23 @@ def test_saved_metadata_goes_with_the_last_entry_of_its_blob(no_table_image, tmp
     assert sorted(os.listdir(work)) == [], sorted(os.listdir(work))
 
 
+def test_saved_metadata_is_private_like_the_entries(no_table_image, tmp_path):
+    """The saved metadata of a blob (its chunk layout and digests) is 0600 like the cache entries, whatever the
+    umask: on the old code it was 0644, readable by every local user on a node whose cache entries are not."""
+    boot, blobs, files = no_table_image
+    work = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        img, be, cache = _session(boot, blobs, work)
+        assert _read_all(img, cache) == files
+        cache.close()
+        img.close()
+    finally:
+        os.umask(old)
+    modes = {fn: oct(os.stat(work / fn).st_mode & 0o777) for fn in os.listdir(work)}
+    assert set(modes.values()) == {"0o600"}, modes
+
+
 def test_source_without_cache_reads_metadata_once(no_table_image):
     boot, blobs, files = no_table_image
     be = CountingBackend(str(blobs))

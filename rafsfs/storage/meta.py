@@ -361,7 +361,7 @@ def save_meta(path: str, meta: BlobMeta) -> None:
     hdr = _expected_header(meta.blob)
     hdr.toc_size, hdr.digests_size, hdr.has_digests = len(meta.toc_raw), len(digests), int(meta.digests is not None)
     hdr.payload_sha256 = h.digest()
-    with replacing(path) as f:
+    with replacing(path, file_mode=0o600) as f:  # private like the cache entries beside it (blob_file)
         f.write(hdr.pack())
         for p in payload:
             f.write(p)
