@@ -91,9 +91,11 @@ def remove_entry(work_dir: str, name: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        # the map first: a data file without its map is just fetched again (and an opener resets a map whose data
-        # file is missing, so a crash between the two unlinks is safe either way)
-        for path in (map_path, os.path.join(work_dir, name + DATA_SUFFIX)):
+        # the data file first, the map (whose lock we hold) last: an opener that comes in between finds the old
+        # map, waits for our lock, sees it unlinked and starts over.  (Map first, an opener in between would make
+        # a new map over the old data file, then lose that file to our second unlink.)  A crash between the two
+        # leaves a map without its data file, which the next opener resets.
+        for path in (os.path.join(work_dir, name + DATA_SUFFIX), map_path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
