@@ -212,6 +212,10 @@ class RegistryBackend(BlobBackend):
         return d if cap is None else min(d, cap)
 
     # ------------------------------------------------------------------ BlobBackend
+    @property
+    def identity(self) -> str:
+        return f"registry:{self.cfg.scheme}://{self.cfg.host}/{self.cfg.repo}"
+
     @_boundary
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
         if size <= 0:
