@@ -50,9 +50,6 @@ ReadRaw = Callable[[BlobInfo, int, int], bytes]  # (blob, offset, size) -> store
 
 _FINGERPRINT_CHUNK = struct.Struct("<QIQI?32s")
 
-_V1_U = struct.Struct("<Q8x")
-_V2_U = struct.Struct("<Q16x")
-
 
 class BlobMeta:
     """Chunk locations and digests of one Nydus blob (see the module docstring).  Immutable and thread-safe."""
@@ -158,9 +155,7 @@ class BlobMeta:
     def _uncompressed_offsets(self):
         if self._table is not None:
             return self._table.uncompressed_offsets(self.blob.index)
-        if self._esize == bm.CI_V2_SIZE:
-            return ((u & 0xFFFFFFFF) << 12 for (u,) in _V2_U.iter_unpack(self._infos))
-        return (u & 0xFFF_FFFF_F000 for (u,) in _V1_U.iter_unpack(self._infos))
+        return bm.uncompressed_offsets(self._infos, self._esize == bm.CI_V2_SIZE)
 
     def _sorted_layout(self) -> tuple[array, array]:
         """(sorted distinct uncompressed offsets, chunk index of each), packed (12 bytes per chunk at most)."""
