@@ -7,14 +7,12 @@ import hashlib
 import json
 import os
 import random
-import threading
 import tracemalloc
 from pathlib import Path
 
 import pytest
 from conftest import needs_fuse
 
-from rafsfs.blob import BlobRef
 from rafsfs.builder import BuildOptions, build
 from rafsfs.compression import compress
 from rafsfs.errors import BadImage
@@ -26,20 +24,7 @@ from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 from rafsfs.storage.cache.none import DirectChunkSource
 from rafsfs.storage.meta import META_SUFFIX, BlobMeta, SavedMetaHeader, fetch_meta
-
-
-class CountingBackend(LocalFsBackend):
-    """A real local backend that records every request."""
-
-    def __init__(self, blob_dir: str):
-        super().__init__(blob_dir)
-        self.requests: list[tuple[int, int]] = []
-        self._l = threading.Lock()
-
-    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
-        with self._l:
-            self.requests.append((offset, size))
-        return super().read(blob, offset, size)
+from test_chunk_cache import CountingBackend
 
 
 def _patch_ext(boot: Path, **fields) -> None:

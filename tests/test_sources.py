@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rafsfs.blob import BOOTSTRAP, HOLE, BlobRef, ChunkInfo, ChunkRef, ChunkSlice
+from rafsfs.blob import BOOTSTRAP, HOLE, ChunkInfo, ChunkRef, ChunkSlice
 from rafsfs.builder import BuildOptions, build
 from rafsfs.errors import BlobUnavailable, RafsError
 from rafsfs.image import RafsImage
@@ -19,20 +19,9 @@ from rafsfs.storage.cache.none import DirectChunkSource
 from rafsfs.storage.cache.prefetch import PrefetchPlan, start_prefetch
 from rafsfs.storage.deferred import DeferredCache
 from rafsfs.storage.metrics import CacheMetrics
+from test_chunk_cache import CountingBackend
 
 CS = 64 << 10
-
-
-class CountingBackend(LocalFsBackend):
-    def __init__(self, blob_dir: str):
-        super().__init__(blob_dir)
-        self.requests: list[tuple[int, int]] = []
-        self._l = threading.Lock()
-
-    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
-        with self._l:
-            self.requests.append((offset, size))
-        return super().read(blob, offset, size)
 
 
 @pytest.fixture(scope="module")
