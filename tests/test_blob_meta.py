@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -283,3 +284,42 @@ def test_fingerprint_tells_chunk_tables_apart(no_table_image):
         other[0] ^= 0x01
         assert BlobMeta(blob, infos=meta._infos, digests=bytes(other)).fingerprint()[0] != fp
         assert BlobMeta(blob, infos=meta._infos).fingerprint()[1] is False  # no digests: unverifiable
+
+
+def test_readers_waiting_for_a_failing_metadata_load_share_its_error(no_table_image):
+    """The blob's metadata cannot be read (a registry that takes its whole deadline to fail): the readers that
+    waited for that load get its error; they do not each start a load of their own, one after the other (on the
+    old code six readers made six loads in a row: the last waited six deadlines)."""
+    from rafsfs.errors import BlobUnavailable
+
+    boot, blobs, _ = no_table_image
+
+    class DeadRegistry(CountingBackend):
+        def read(self, blob, offset, size):
+            super().read(blob, offset, size)
+            threading.Event().wait(1.0)  # the deadline
+            raise BlobUnavailable("no answer within the deadline")
+
+    be = DeadRegistry(str(blobs))
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(be) as src:
+        blob = img.blobs[0]
+        errors: list[BaseException] = []
+        go = threading.Barrier(6)
+
+        def reader() -> None:
+            go.wait()
+            try:
+                src.meta(blob)
+            except BlobUnavailable as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(errors) == 6
+        assert len(be.requests) <= 2, be.requests  # one load (a straggler may start a second one)
+        with pytest.raises(BlobUnavailable):
+            src.meta(blob)
+        assert len(be.requests) <= 3
