@@ -345,3 +345,31 @@ def test_an_opener_racing_an_eviction_gets_a_linked_entry(tmp_path, monkeypatch)
         assert again.is_ready(0) and again.read(0, CS) == b"\x22" * CS
     finally:
         again.close()
+
+
+def test_a_look_at_a_new_entry_does_not_turn_its_creator_away(tmp_path):
+    """``rafsfs cache ls`` or another daemon's eviction pass tests every map with a brief exclusive lock.  An opener
+    creating that entry at the same moment waits for it, then creates the entry: it is not refused as "in use by
+    another process" (on the old code it was: EntryBusy, and that blob went uncached for the daemon's lifetime)."""
+    import fcntl
+    import threading
+
+    from rafsfs.storage.cache.blob_file import entry_name
+
+    img = RafsImage.open(str(_build(tmp_path, "img", {"x": random.Random(5).randbytes(2 * CS)})[0]))
+    blob = img.blobs[0]
+    work = tmp_path / "cache"
+    work.mkdir()
+    key = bytes(range(32))
+    map_path = work / (entry_name(blob, key) + MAP_SUFFIX)
+    map_path.write_bytes(b"")  # the creator's O_CREAT: the file is there, still empty
+    looker = os.open(map_path, os.O_RDONLY)
+    fcntl.flock(looker, fcntl.LOCK_EX | fcntl.LOCK_NB)  # store._busy() looking at it
+    threading.Timer(0.2, os.close, (looker,)).start()
+    bc = BlobCacheFile(str(work), blob, key, verified=True)
+    try:
+        bc.write_chunk(0, 0, b"\x33" * CS)
+        bc.commit([0])
+        assert ready_map(bc.map_path)[0] == 1
+    finally:
+        bc.close()
