@@ -191,13 +191,14 @@ def test_status_bursts_honour_retry_after(registry):
 class _HostileTokenServer:
     """A registry on 127.0.0.1 that answers every blob GET with a Bearer challenge naming its own ``/token`` realm,
     whose answer is ``mode``: ``huge`` (64 MiB of one JSON string, fast), ``trickle`` (a JSON string growing one byte
-    every 0.2 s, for at most 30 s) or ``deep`` (a JSON array nested 200,000 deep)."""
+    every 0.2 s, for at most 30 s), ``deep`` (a JSON array nested 200,000 deep) or ``cut`` (11 of 100 bytes)."""
 
     def __init__(self, mode: str):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         owner = self
         self.mode = mode
+        self.token_requests = 0
         self.stop = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
@@ -214,9 +215,15 @@ class _HostileTokenServer:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
+                    owner.token_requests += 1
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Connection", "close")
+                    if owner.mode == "cut":  # a token answer cut off: a temporary failure like a cut-off blob body
+                        self.send_header("Content-Length", "100")
+                        self.end_headers()
+                        self.wfile.write(b'{"token": "')
+                        return
                     self.end_headers()
                     if owner.mode == "deep":
                         self.wfile.write(b"[" * 200_000)
@@ -267,6 +274,15 @@ def test_a_hostile_token_realm_is_bounded_in_time_and_memory():
         assert "\n" not in str(err)
         assert took < 3.0 + 2.0 + 1.0, (mode, took)
         assert peak < 8 * MiB, (mode, peak)
+    srv = _HostileTokenServer("cut")
+    be = _backend(srv.host, timeout=2.0, retry_limit=2, deadline=10.0)
+    try:
+        with pytest.raises(BlobUnavailable, match="cut short"):
+            be.read(BlobRef("ab" * 32, 0), 0, 4096)
+        assert srv.token_requests == 3  # retried like any cut-off body
+    finally:
+        be.close()
+        srv.close()
 
 
 def test_push_closes_the_file_of_every_attempt(registry, tmp_path):

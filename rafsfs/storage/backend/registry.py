@@ -504,7 +504,14 @@ class RegistryBackend(BlobBackend):
                 raise _Retry(f"token request to {realm}: HTTP {r.status_code}", _retry_after(r))
             if r.status_code != 200:
                 raise BlobUnavailable(f"token request to {realm}: HTTP {r.status_code}")
-            raw = self._read_body(r, realm, deadline, skip=0, size=MAX_TOKEN_ANSWER + 1, eof_ok=True)
+            try:
+                length: int | None = int(r.headers["Content-Length"])
+            except (KeyError, ValueError):
+                length = None  # read to the end (a cut-off body is then cut-off JSON: no token)
+            if length is not None and length > MAX_TOKEN_ANSWER:
+                raise BlobUnavailable(f"token server {realm} sent more than {MAX_TOKEN_ANSWER} bytes")
+            raw = self._read_body(r, realm, deadline, skip=0, size=MAX_TOKEN_ANSWER + 1 if length is None else length,
+                                  eof_ok=length is None)  # an announced length cut short: retried
         if len(raw) > MAX_TOKEN_ANSWER:
             raise BlobUnavailable(f"token server {realm} sent more than {MAX_TOKEN_ANSWER} bytes")
         try:
