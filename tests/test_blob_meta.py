@@ -2,6 +2,7 @@
 before it is trusted, and bounded in memory whatever a bootstrap claims."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import needs_fuse
 
-from rafsfs.blob import BlobRef
 from rafsfs.builder import BuildOptions, build
 from rafsfs.compression import compress
 from rafsfs.errors import BadImage
@@ -25,20 +25,7 @@ from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 from rafsfs.storage.cache.none import DirectChunkSource
 from rafsfs.storage.meta import META_SUFFIX, BlobMeta, SavedMetaHeader, fetch_meta
-
-
-class CountingBackend(LocalFsBackend):
-    """A real local backend that records every request."""
-
-    def __init__(self, blob_dir: str):
-        super().__init__(blob_dir)
-        self.requests: list[tuple[int, int]] = []
-        self._l = threading.Lock()
-
-    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
-        with self._l:
-            self.requests.append((offset, size))
-        return super().read(blob, offset, size)
+from test_chunk_cache import CountingBackend
 
 
 def _patch_ext(boot: Path, **fields) -> None:
@@ -172,6 +159,52 @@ def test_saved_metadata_that_does_not_match_is_fetched_again(no_table_image, tmp
     img.close()
 
 
+def test_saved_metadata_goes_with_the_last_entry_of_its_blob(no_table_image, tmp_path):
+    """``rafsfs cache gc`` (and eviction under ``max_size``) removes a blob's saved metadata with its last cache
+    entry: on the old code every ``<blob id>.blob.meta`` stayed in the directory forever, outside the size cap."""
+    from rafsfs.storage.cache.store import evict
+
+    boot, blobs, files = no_table_image
+    work = tmp_path / "cache"
+    img, be, cache = _session(boot, blobs, work)
+    assert _read_all(img, cache) == files
+    blob = img.blobs[0]
+    cache.close()
+    img.close()
+    assert (work / (blob.blob_id + META_SUFFIX)).is_file()
+    # a second blob with two entries (two chunk tables): its metadata stays while one of them is in use
+    other = "cd" * 32
+    (work / (other + META_SUFFIX)).write_bytes(b"x")
+    (work / (other + ".0123456789abcdef.chunk_map")).write_bytes(b"")
+    busy = os.open(work / (other + ".fedcba9876543210.chunk_map"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(busy, fcntl.LOCK_SH)
+        assert {e.name for e in evict(str(work))} >= {other + ".0123456789abcdef"}
+        assert (work / (other + META_SUFFIX)).exists()
+        assert not (work / (blob.blob_id + META_SUFFIX)).exists()
+    finally:
+        os.close(busy)
+    evict(str(work))
+    assert sorted(os.listdir(work)) == [], sorted(os.listdir(work))
+
+
+def test_saved_metadata_is_private_like_the_entries(no_table_image, tmp_path):
+    """The saved metadata of a blob (its chunk layout and digests) is 0600 like the cache entries, whatever the
+    umask: on the old code it was 0644, readable by every local user on a node whose cache entries are not."""
+    boot, blobs, files = no_table_image
+    work = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        img, be, cache = _session(boot, blobs, work)
+        assert _read_all(img, cache) == files
+        cache.close()
+        img.close()
+    finally:
+        os.umask(old)
+    modes = {fn: oct(os.stat(work / fn).st_mode & 0o777) for fn in os.listdir(work)}
+    assert set(modes.values()) == {"0o600"}, modes
+
+
 def test_source_without_cache_reads_metadata_once(no_table_image):
     boot, blobs, files = no_table_image
     be = CountingBackend(str(blobs))
@@ -251,3 +284,42 @@ def test_fingerprint_tells_chunk_tables_apart(no_table_image):
         other[0] ^= 0x01
         assert BlobMeta(blob, infos=meta._infos, digests=bytes(other)).fingerprint()[0] != fp
         assert BlobMeta(blob, infos=meta._infos).fingerprint()[1] is False  # no digests: unverifiable
+
+
+def test_readers_waiting_for_a_failing_metadata_load_share_its_error(no_table_image):
+    """The blob's metadata cannot be read (a registry that takes its whole deadline to fail): the readers that
+    waited for that load get its error; they do not each start a load of their own, one after the other (on the
+    old code six readers made six loads in a row: the last waited six deadlines)."""
+    from rafsfs.errors import BlobUnavailable
+
+    boot, blobs, _ = no_table_image
+
+    class DeadRegistry(CountingBackend):
+        def read(self, blob, offset, size):
+            super().read(blob, offset, size)
+            threading.Event().wait(1.0)  # the deadline
+            raise BlobUnavailable("no answer within the deadline")
+
+    be = DeadRegistry(str(blobs))
+    with RafsImage.open(str(boot)) as img, DirectChunkSource(be) as src:
+        blob = img.blobs[0]
+        errors: list[BaseException] = []
+        go = threading.Barrier(6)
+
+        def reader() -> None:
+            go.wait()
+            try:
+                src.meta(blob)
+            except BlobUnavailable as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(errors) == 6
+        assert len(be.requests) <= 2, be.requests  # one load (a straggler may start a second one)
+        with pytest.raises(BlobUnavailable):
+            src.meta(blob)
+        assert len(be.requests) <= 3

@@ -284,3 +284,92 @@ def test_a_fully_cached_blob_needs_no_backend(tmp_path):
         assert _read_all(boot, c) == files and not c.backend.requests
     finally:
         c.close()
+
+
+def test_an_opener_racing_an_eviction_gets_a_linked_entry(tmp_path, monkeypatch):
+    """An entry is evicted while another process opens it: whatever the opener gets, its data file and its map are
+    the ones in the directory.  On the old code the evictor unlinked the map first: an opener coming in between the
+    two unlinks made a new map over the old data file, which the evictor then unlinked: its chunks went into a file
+    nobody could see (and a kernel given ``data_path`` would have found nothing there)."""
+    import fcntl
+    import threading
+    import time
+
+    from rafsfs.storage.cache import store
+
+    img = RafsImage.open(str(_build(tmp_path, "img", {"x": random.Random(4).randbytes(2 * CS)})[0]))
+    blob = img.blobs[0]
+    work = str(tmp_path / "cache")
+    os.makedirs(work)
+    key = bytes(range(32))
+    BlobCacheFile(work, blob, key, verified=True).close()
+    (name,) = entries_of(work, blob.blob_id)
+
+    real_unlink, real_flock = os.unlink, fcntl.flock
+    waiting = threading.Event()  # the opener is blocked on the evictor's lock
+    opened: list = []
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_SH:
+            waiting.set()
+        return real_flock(fd, op)
+
+    def open_entry() -> None:
+        opened.append(BlobCacheFile(work, blob, key, verified=True))
+
+    opener = threading.Thread(target=open_entry)
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if not opener.is_alive() and not opened:  # between the evictor's two unlinks: an opener comes in
+            opener.start()
+            t_end = time.monotonic() + 30
+            while opener.is_alive() and not waiting.is_set() and time.monotonic() < t_end:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert store.remove_entry(work, name)
+    monkeypatch.undo()
+    opener.join(30)
+    (bc,) = opened
+    try:
+        assert os.fstat(bc.data_fd).st_nlink == 1 and os.path.samestat(os.fstat(bc.data_fd), os.stat(bc.data_path))
+        assert os.fstat(bc.map_fd).st_nlink == 1 and os.path.samestat(os.fstat(bc.map_fd), os.stat(bc.map_path))
+        bc.write_chunk(0, 0, b"\x22" * CS)
+        bc.commit([0])
+    finally:
+        bc.close()
+    again = BlobCacheFile(work, blob, key, verified=True)
+    try:
+        assert again.is_ready(0) and again.read(0, CS) == b"\x22" * CS
+    finally:
+        again.close()
+
+
+def test_a_look_at_a_new_entry_does_not_turn_its_creator_away(tmp_path):
+    """``rafsfs cache ls`` or another daemon's eviction pass tests every map with a brief exclusive lock.  An opener
+    creating that entry at the same moment waits for it, then creates the entry: it is not refused as "in use by
+    another process" (on the old code it was: EntryBusy, and that blob went uncached for the daemon's lifetime)."""
+    import fcntl
+    import threading
+
+    from rafsfs.storage.cache.blob_file import entry_name
+
+    img = RafsImage.open(str(_build(tmp_path, "img", {"x": random.Random(5).randbytes(2 * CS)})[0]))
+    blob = img.blobs[0]
+    work = tmp_path / "cache"
+    work.mkdir()
+    key = bytes(range(32))
+    map_path = work / (entry_name(blob, key) + MAP_SUFFIX)
+    map_path.write_bytes(b"")  # the creator's O_CREAT: the file is there, still empty
+    looker = os.open(map_path, os.O_RDONLY)
+    fcntl.flock(looker, fcntl.LOCK_EX | fcntl.LOCK_NB)  # store._busy() looking at it
+    threading.Timer(0.2, os.close, (looker,)).start()
+    bc = BlobCacheFile(str(work), blob, key, verified=True)
+    try:
+        bc.write_chunk(0, 0, b"\x33" * CS)
+        bc.commit([0])
+        assert ready_map(bc.map_path)[0] == 1
+    finally:
+        bc.close()

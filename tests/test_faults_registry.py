@@ -188,6 +188,103 @@ def test_status_bursts_honour_retry_after(registry):
             be.close()
 
 
+class _HostileTokenServer:
+    """A registry on 127.0.0.1 that answers every blob GET with a Bearer challenge naming its own ``/token`` realm,
+    whose answer is ``mode``: ``huge`` (64 MiB of one JSON string, fast), ``trickle`` (a JSON string growing one byte
+    every 0.2 s, for at most 30 s), ``deep`` (a JSON array nested 200,000 deep) or ``cut`` (11 of 100 bytes)."""
+
+    def __init__(self, mode: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.mode = mode
+        self.token_requests = 0
+        self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                try:
+                    if not self.path.startswith("/token"):
+                        self.send_response(401)
+                        self.send_header("WWW-Authenticate", f'Bearer realm="{owner.url}/token",service="t"')
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    owner.token_requests += 1
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Connection", "close")
+                    if owner.mode == "cut":  # a token answer cut off: a temporary failure like a cut-off blob body
+                        self.send_header("Content-Length", "100")
+                        self.end_headers()
+                        self.wfile.write(b'{"token": "')
+                        return
+                    self.end_headers()
+                    if owner.mode == "deep":
+                        self.wfile.write(b"[" * 200_000)
+                        return
+                    self.wfile.write(b'{"token": "')
+                    t_end = time.monotonic() + 30
+                    for _ in range(64 if owner.mode == "huge" else 150):
+                        if owner.stop.is_set() or time.monotonic() > t_end:
+                            return
+                        if owner.mode == "huge":
+                            self.wfile.write(b"a" * MiB)
+                        else:
+                            self.wfile.write(b"a")
+                            self.wfile.flush()
+                            owner.stop.wait(0.2)
+                except OSError:
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{self.host}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hostile_token_realm_is_bounded_in_time_and_memory():
+    """A registry names a token realm that answers 64 MiB, trickles its answer one byte at a time, or nests its
+    JSON 200,000 deep: each read fails with a one-line BlobUnavailable within its deadline, holding a bounded amount
+    of memory.  (On the old code the token answer was read whole by ``requests``: ~64 MiB held, the trickle held the
+    read for 30 s, and the deep JSON escaped the backend as a RecursionError.)"""
+    for mode in ("huge", "trickle", "deep"):
+        srv = _HostileTokenServer(mode)
+        be = _backend(srv.host, timeout=2.0, retry_limit=0, deadline=3.0)
+        tracemalloc.start()
+        try:
+            err, took = _timed(lambda: be.read(BlobRef("ab" * 32, 0), 0, 4096), limit=40)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            be.close()
+            srv.close()
+        assert isinstance(err, BlobUnavailable), (mode, repr(err))
+        assert "\n" not in str(err)
+        assert took < 3.0 + 2.0 + 1.0, (mode, took)
+        assert peak < 8 * MiB, (mode, peak)
+    srv = _HostileTokenServer("cut")
+    be = _backend(srv.host, timeout=2.0, retry_limit=2, deadline=10.0)
+    try:
+        with pytest.raises(BlobUnavailable, match="cut short"):
+            be.read(BlobRef("ab" * 32, 0), 0, 4096)
+        assert srv.token_requests == 3  # retried like any cut-off body
+    finally:
+        be.close()
+        srv.close()
+
+
 def test_push_closes_the_file_of_every_attempt(registry, tmp_path):
     """L10: a blob pushed from a file, with a 503 on the first PUT: both attempts' files are closed."""
     import gc

@@ -392,3 +392,15 @@ def test_digests_known_values():
     assert digest(bt.DIGEST_BLAKE3, b"").hex() == \
         "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 
+
+
+@settings(max_examples=200)
+@given(raw=st.binary(min_size=0, max_size=24 * 40), v2=st.booleans())
+def test_uncompressed_offsets_agree_with_the_entry_decoders(raw, v2):
+    """The fast pass over a chunk-info array (blob layout, ``BlobMeta.chunks_at``) reads the uncompressed offset by
+    the same rule as the full entry decoders, for any bytes."""
+    size = bm.CI_V2_SIZE if v2 else bm.CI_V1_SIZE
+    raw = raw[:len(raw) // size * size]
+    full = [(bm.decode_v2(raw, o)[0] if v2 else bm.decode_v1(raw, o)).uncompressed_offset
+            for o in range(0, len(raw), size)]
+    assert list(bm.uncompressed_offsets(raw, v2)) == full

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rafsfs.blob import BOOTSTRAP, HOLE, BlobRef, ChunkInfo, ChunkRef, ChunkSlice
+from rafsfs.blob import BOOTSTRAP, HOLE, ChunkInfo, ChunkRef, ChunkSlice
 from rafsfs.builder import BuildOptions, build
 from rafsfs.errors import BlobUnavailable, RafsError
 from rafsfs.image import RafsImage
@@ -19,20 +19,9 @@ from rafsfs.storage.cache.none import DirectChunkSource
 from rafsfs.storage.cache.prefetch import PrefetchPlan, start_prefetch
 from rafsfs.storage.deferred import DeferredCache
 from rafsfs.storage.metrics import CacheMetrics
+from test_chunk_cache import CountingBackend
 
 CS = 64 << 10
-
-
-class CountingBackend(LocalFsBackend):
-    def __init__(self, blob_dir: str):
-        super().__init__(blob_dir)
-        self.requests: list[tuple[int, int]] = []
-        self._l = threading.Lock()
-
-    def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
-        with self._l:
-            self.requests.append((offset, size))
-        return super().read(blob, offset, size)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +183,32 @@ def test_deferred_source_close_does_not_wait_forever_for_a_stuck_build():
     assert src._done.wait(5)
     time.sleep(0.05)
     assert ran == []
+
+
+def test_every_backend_names_where_its_bytes_come_from(tmp_path):
+    """The cache keys entries it cannot verify by the backend's ``identity``, a property of the BlobBackend
+    contract (the old code sniffed ``cfg``/``blob_dir``/``devices`` attributes, and any other backend got the one
+    identity "localfs:")."""
+    from rafsfs.config import RegistryConfig
+    from rafsfs.storage.backend.base import BlobBackend
+    from rafsfs.storage.backend.registry import RegistryBackend
+
+    ids = set()
+    for repo, host in (("a/b", "r1:5000"), ("a/c", "r1:5000"), ("a/b", "r2:5000")):
+        be = RegistryBackend(RegistryConfig(host=host, repo=repo, scheme="http"))
+        ids.add(be.identity)
+        be.close()
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    ids |= {LocalFsBackend(str(tmp_path / "d1")).identity, LocalFsBackend(str(tmp_path / "d2")).identity}
+    assert len(ids) == 5
+
+    class Nameless(BlobBackend):  # a backend that does not say where its bytes come from cannot be made
+        def read(self, blob, offset, size):
+            return b""
+
+        def size(self, blob):
+            return 0
+
+    with pytest.raises(TypeError):
+        Nameless()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..blob import MAX_CHUNK_SIZE, ChunkInfo  # noqa: F401  (decoded here; the value types live at the bottom)
@@ -20,12 +21,19 @@ CI_V2_HAS_CRC32 = 0x10
 
 _V1 = struct.Struct("<QQ")
 _V2 = struct.Struct("<QQQ")
+_V1_U = struct.Struct("<Q8x")  # the first word of an entry alone: it holds the uncompressed offset
+_V2_U = struct.Struct("<Q16x")
+_V1_UOFF = 0xFFF_FFFF_F000  # v1: the uncompressed offset is bits 12..43 of the first word, in place
+
+
+def _v2_uoff(u: int) -> int:
+    return (u & 0xFFFFFFFF) << 12  # v2: the low 32 bits of the first word, in pages
 
 
 def decode_v1(buf, off: int) -> ChunkInfo:
     u, c = _V1.unpack_from(buf, off)
     usize = (((u & 0xF00) << 12) | (u >> 44)) + 1
-    uoff = u & 0xFFF_FFFF_F000
+    uoff = u & _V1_UOFF
     csize = ((((c >> 40) & 0xF) << 20) | (c >> 44)) + 1
     coff = c & 0xFF_FFFF_FFFF
     return ChunkInfo(coff, csize, uoff, usize, csize != usize)
@@ -51,12 +59,20 @@ def encode_v1(ci: ChunkInfo) -> bytes:
 def decode_v2(buf, off: int) -> tuple[ChunkInfo, int]:
     """Returns the chunk info and its flag byte."""
     u, c, _data = _V2.unpack_from(buf, off)
-    uoff = (u & 0xFFFFFFFF) << 12
+    uoff = _v2_uoff(u)
     usize = ((u >> 32) & 0xFFFFFF) + 1
     flags = u >> 56
     coff = c & 0xFF_FFFF_FFFF
     csize = c >> 40
     return ChunkInfo(coff, csize, uoff, usize, bool(flags & CI_V2_COMPRESSED)), flags
+
+
+def uncompressed_offsets(buf, v2: bool) -> Iterator[int]:
+    """The uncompressed offset of every entry of a chunk-info array, in order: the field :func:`decode_v1` and
+    :func:`decode_v2` give, without decoding the rest (a pass over a million entries)."""
+    if v2:
+        return (_v2_uoff(u) for (u,) in _V2_U.iter_unpack(buf))
+    return (u & _V1_UOFF for (u,) in _V1_U.iter_unpack(buf))
 
 
 def encode_v2(ci: ChunkInfo) -> bytes:

@@ -21,6 +21,7 @@ taken on trust).  Anything else is fetched again.  Blobs without a ToC digest ar
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import logging
 import os
@@ -49,9 +50,6 @@ MAX_CI_ARRAY = 1 << 30  # bytes of one blob's chunk-info array (the image's chun
 ReadRaw = Callable[[BlobInfo, int, int], bytes]  # (blob, offset, size) -> stored bytes, one backend request
 
 _FINGERPRINT_CHUNK = struct.Struct("<QIQI?32s")
-
-_V1_U = struct.Struct("<Q8x")
-_V2_U = struct.Struct("<Q16x")
 
 
 class BlobMeta:
@@ -158,9 +156,7 @@ class BlobMeta:
     def _uncompressed_offsets(self):
         if self._table is not None:
             return self._table.uncompressed_offsets(self.blob.index)
-        if self._esize == bm.CI_V2_SIZE:
-            return ((u & 0xFFFFFFFF) << 12 for (u,) in _V2_U.iter_unpack(self._infos))
-        return (u & 0xFFF_FFFF_F000 for (u,) in _V1_U.iter_unpack(self._infos))
+        return bm.uncompressed_offsets(self._infos, self._esize == bm.CI_V2_SIZE)
 
     def _sorted_layout(self) -> tuple[array, array]:
         """(sorted distinct uncompressed offsets, chunk index of each), packed (12 bytes per chunk at most)."""
@@ -361,7 +357,7 @@ def save_meta(path: str, meta: BlobMeta) -> None:
     hdr = _expected_header(meta.blob)
     hdr.toc_size, hdr.digests_size, hdr.has_digests = len(meta.toc_raw), len(digests), int(meta.digests is not None)
     hdr.payload_sha256 = h.digest()
-    with replacing(path) as f:
+    with replacing(path, file_mode=0o600) as f:  # private like the cache entries beside it (blob_file)
         f.write(hdr.pack())
         for p in payload:
             f.write(p)
@@ -414,17 +410,26 @@ def load_saved_meta(path: str, blob: BlobInfo) -> BlobMeta | None:
         return None
 
 
+class _Load:
+    """One load of a blob's metadata, which concurrent callers wait for; its error, if it failed, is theirs too."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.error: RafsError | None = None
+
+
 class MetaCache:
     """One :class:`BlobMeta` per blob for a chunk source: from the bootstrap's chunk table, else from ``work_dir``
     (when given) if a matching copy was saved there, else read through ``read_raw`` (then saved).  Concurrent
-    callers for one blob wait for a single load."""
+    callers for one blob wait for a single load, and share its error if it fails (they do not each try again, one
+    backend deadline after the other); a caller that comes after it tries again."""
 
     def __init__(self, read_raw: ReadRaw, work_dir: str | None = None):
         self._read_raw = read_raw
         self.work_dir = work_dir
         self._metas: dict[tuple[BlobInfo, int], BlobMeta] = {}
         self._by_object: dict[int, BlobMeta] = {}  # id(BlobInfo) -> its meta (checked: meta.blob is the object)
-        self._loading: dict[tuple[BlobInfo, int], threading.Lock] = {}
+        self._loading: dict[tuple[BlobInfo, int], _Load] = {}
         self._lock = threading.Lock()
 
     def get(self, blob: BlobInfo) -> BlobMeta:
@@ -435,15 +440,23 @@ class MetaCache:
         meta = self._metas.get(key)
         if meta is None:
             with self._lock:
-                lock = self._loading.setdefault(key, threading.Lock())
-            try:
-                with lock:
-                    meta = self._metas.get(key)
-                    if meta is None:
+                load = self._loading.setdefault(key, _Load())
+            with load.lock:
+                meta = self._metas.get(key)
+                if meta is None:
+                    if load.error is not None:  # the load this caller waited for failed
+                        err = copy.copy(load.error)  # one object per caller: raising one again grows its traceback
+                        err.__traceback__ = None
+                        raise err
+                    try:
                         meta = self._metas[key] = self._load(blob)
-            finally:
-                with self._lock:
-                    self._loading.pop(key, None)
+                    except RafsError as e:
+                        load.error = e
+                        raise
+                    finally:
+                        with self._lock:
+                            if self._loading.get(key) is load:
+                                del self._loading[key]  # callers from now on start a new load
         if meta.blob is blob:
             self._by_object[id(blob)] = meta
         return meta

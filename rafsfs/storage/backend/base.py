@@ -24,6 +24,13 @@ class BlobBackend(ABC):
     def size(self, blob: BlobRef) -> int:
         """The blob object's size in bytes."""
 
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """Where this backend's bytes come from (a registry repository, local files): cache entries whose bytes
+        cannot be verified are keyed by it (``storage.cache.blob_file.table_key``), so they are never shared with
+        a reader of another source."""
+
     def close(self) -> None:
         pass
 

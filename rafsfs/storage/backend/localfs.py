@@ -21,6 +21,11 @@ class LocalFsBackend(BlobBackend):
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    @property
+    def identity(self) -> str:
+        return "localfs:" + ":".join(os.path.realpath(p) for p in ([self.blob_dir] if self.blob_dir else [])
+                                     + self.devices)
+
     def path(self, blob: BlobRef) -> str:
         if blob.device_index < len(self.devices):
             return self.devices[blob.device_index]

@@ -32,6 +32,7 @@ import base64
 import contextlib
 import functools
 import http.client
+import json
 import logging
 import re
 import socket
@@ -55,6 +56,7 @@ BODY_PIECE = 64 << 10  # bytes asked of the socket at a time: the deadline is ch
 NO_RANGE_MEMORY = 300.0  # seconds an endpoint that ignored Range is asked only after the others
 PROXY_DOWN_MEMORY = 30.0  # seconds a failed proxy is skipped
 MAX_RETRY_AFTER = 10.0  # seconds: the longest Retry-After honoured (the deadline still bounds it)
+MAX_TOKEN_ANSWER = 256 << 10  # bytes: a token server's JSON answer (real ones: a few KiB)
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -210,6 +212,10 @@ class RegistryBackend(BlobBackend):
         return d if cap is None else min(d, cap)
 
     # ------------------------------------------------------------------ BlobBackend
+    @property
+    def identity(self) -> str:
+        return f"registry:{self.cfg.scheme}://{self.cfg.host}/{self.cfg.repo}"
+
     @_boundary
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:
         if size <= 0:
@@ -487,23 +493,34 @@ class RegistryBackend(BlobBackend):
         left = max(deadline - time.monotonic(), 0.001)
         try:
             with _headers_by(deadline):
-                r = self.session.get(realm, params=q, auth=creds,
+                # streamed, and read like a blob body (bounded pieces, the deadline between them): the realm is
+                # named by the registry, and its answer must not hold the read past its deadline nor fill memory
+                r = self.session.get(realm, params=q, auth=creds, stream=True, headers={"Accept-Encoding": "identity"},
                                      timeout=(min(self.cfg.connect_timeout, left), min(self.cfg.timeout, left)))
-                body = r.json() if r.status_code == 200 else None
-        except requests.exceptions.JSONDecodeError:
-            raise BlobUnavailable(f"token server {realm} sent no token") from None
         except _NET_ERRORS as e:  # the attempt is retried like any other
             raise _Retry(f"token request to {realm} failed: {_why(e)}") from None
-        if r.status_code in _RETRY_STATUS:
-            raise _Retry(f"token request to {realm}: HTTP {r.status_code}", _retry_after(r))
-        if r.status_code != 200:
-            raise BlobUnavailable(f"token request to {realm}: HTTP {r.status_code}")
+        with r:
+            if r.status_code in _RETRY_STATUS:
+                raise _Retry(f"token request to {realm}: HTTP {r.status_code}", _retry_after(r))
+            if r.status_code != 200:
+                raise BlobUnavailable(f"token request to {realm}: HTTP {r.status_code}")
+            try:
+                length: int | None = int(r.headers["Content-Length"])
+            except (KeyError, ValueError):
+                length = None  # read to the end (a cut-off body is then cut-off JSON: no token)
+            if length is not None and length > MAX_TOKEN_ANSWER:
+                raise BlobUnavailable(f"token server {realm} sent more than {MAX_TOKEN_ANSWER} bytes")
+            raw = self._read_body(r, realm, deadline, skip=0, size=MAX_TOKEN_ANSWER + 1 if length is None else length,
+                                  eof_ok=length is None)  # an announced length cut short: retried
+        if len(raw) > MAX_TOKEN_ANSWER:
+            raise BlobUnavailable(f"token server {realm} sent more than {MAX_TOKEN_ANSWER} bytes")
         try:
+            body = json.loads(raw)
             value = body.get("token") or body["access_token"]
             ttl = float(body.get("expires_in") or 60)
             if not isinstance(value, str) or not value:
                 raise ValueError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise BlobUnavailable(f"token server {realm} sent no token") from None
         tok = _Token(value, time.time() + max(ttl - 10, ttl / 2))  # refresh a little early
         with self._lock:

@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import time
 
 from ...blob import BlobInfo, check_blob_id
 from ...errors import BlobUnavailable
@@ -50,6 +51,8 @@ MAGIC = b"RAFSCMAP"
 VERSION = 1
 F_VERIFIED = 1
 KEY_HEX = 16  # hex digits of the table key in entry names (the whole key is in the header and compared)
+BUSY_TRIES = 4  # looks at an entry that does not match under another process's lock before it counts as in use
+BUSY_WAIT = 0.01  # seconds before the next look, times the looks so far (0.06 s in all)
 _KEY_DOMAIN = b"rafsfs cache entry v1\0"
 
 
@@ -134,7 +137,8 @@ class BlobCacheFile:
     # ------------------------------------------------------------------ opening
     def _open(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        for _ in range(8):
+        busy = 0
+        for _ in range(8 + BUSY_TRIES):
             self.close()
             try:
                 self.map_fd = os.open(self.map_path, flags, 0o600)
@@ -151,7 +155,14 @@ class BlobCacheFile:
             valid = self._open_data() and self._valid()
             if not valid:
                 if not exclusive:
-                    raise EntryBusy(f"cache entry {self.name} does not match and is in use by another process")
+                    # whoever held the lock may have held it only for a moment without making the entry (a look
+                    # by store._busy: `rafsfs cache ls`, another daemon's eviction pass): only a map that stays
+                    # invalid while others hold it is another table's entry in use
+                    busy += 1
+                    if busy >= BUSY_TRIES:
+                        raise EntryBusy(f"cache entry {self.name} does not match and is in use by another process")
+                    time.sleep(BUSY_WAIT * busy)
+                    continue
                 self._reset()
             if exclusive:
                 # not atomic (flock drops, then takes): an evictor may slip in between, which the check below sees

@@ -152,20 +152,6 @@ class _Committer:
             thread.join()
 
 
-def backend_identity(backend: BlobBackend) -> str:
-    """Where a backend's bytes come from, for entries whose bytes cannot be verified (see ``blob_file.table_key``).
-    A backend may say it itself (an ``identity`` attribute); else the local directory or registry repository."""
-    ident = getattr(backend, "identity", None)
-    if isinstance(ident, str):
-        return ident
-    cfg = getattr(backend, "cfg", None)
-    if cfg is not None and hasattr(cfg, "host"):
-        return f"registry:{getattr(cfg, 'scheme', '')}://{cfg.host}/{getattr(cfg, 'repo', '')}"
-    blob_dir = getattr(backend, "blob_dir", None)
-    devices = getattr(backend, "devices", None) or []
-    return "localfs:" + ":".join(os.path.realpath(p) for p in ([blob_dir] if blob_dir else []) + list(devices))
-
-
 class ChunkCache(ChunkSource):
     """A chunk source backed by a persistent on-disk cache; blob metadata is kept beside the entries."""
 
@@ -183,7 +169,7 @@ class ChunkCache(ChunkSource):
         # the entry of each blob's metadata: its chunk table decides the entry (two images that describe one blob
         # id differently have two BlobMetas, see MetaCache, hence two entries)
         self._by_meta: dict[BlobMeta, BlobCacheFile | _Uncached] = {}
-        self._identity = backend_identity(backend)
+        self._identity = backend.identity  # keys the entries whose bytes cannot be verified
         self.degraded: str | None = None  # why the cache stopped storing (a write failed), or None
         self._committer = _Committer(self._degrade)
         self._lock = threading.Lock()

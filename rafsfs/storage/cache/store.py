@@ -9,7 +9,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .blob_file import DATA_SUFFIX, MAP_SUFFIX, blob_id_of, read_ready
+from ..meta import META_SUFFIX
+from .blob_file import DATA_SUFFIX, MAP_SUFFIX, blob_id_of, entries_of, read_ready
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,30 @@ def remove_entry(work_dir: str, name: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        # the map first: a data file without its map is just fetched again (and an opener resets a map whose data
-        # file is missing, so a crash between the two unlinks is safe either way)
-        for path in (map_path, os.path.join(work_dir, name + DATA_SUFFIX)):
+        # the data file first, the map (whose lock we hold) last: an opener that comes in between finds the old
+        # map, waits for our lock, sees it unlinked and starts over.  (Map first, an opener in between would make
+        # a new map over the old data file, then lose that file to our second unlink.)  A crash between the two
+        # leaves a map without its data file, which the next opener resets.
+        for path in (os.path.join(work_dir, name + DATA_SUFFIX), map_path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        _drop_meta(work_dir, blob_id_of(name))
         return True
     finally:
         os.close(fd)
+
+
+def _drop_meta(work_dir: str, blob_id: str) -> None:
+    """A blob's saved metadata (:mod:`..meta`) goes with its last entry: else it would stay forever, outside the
+    size cap.  (A process that saves it again meanwhile only fetches it once more at its next start.)"""
+    if entries_of(work_dir, blob_id):
+        return
+    try:
+        os.unlink(os.path.join(work_dir, blob_id + META_SUFFIX))
+    except FileNotFoundError:
+        pass
 
 
 def usage(work_dir: str) -> int:
