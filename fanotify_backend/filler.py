@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HANDLERS = 16  # events filled at the same time
 LATENCIES = 1 << 16  # handler latencies kept for p50/p99
+PUBLISH_EVERY = 0.02  # seconds
 SHARED_RECHECK = 0.5  # seconds between looks whether another daemon serves a data file too
 
 
@@ -75,6 +76,9 @@ class Filler:
         self.event_bytes = 0
         self.denied = 0
         self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.on_answered = None  # called at most every PUBLISH_EVERY seconds after an answer (counters for the API)
+        self._published = 0.0
+        self._percentiles: dict = {"p50": None, "p99": None}
 
     # ------------------------------------------------------------------ one event
     def _fill_range(self, t: Target, offset: int, count: int) -> bool:
@@ -146,7 +150,11 @@ class Filler:
             self.journal.set_answered(slot, i)
             if ev.fd >= 0:
                 os.close(ev.fd)
-            self.latencies.append(time.monotonic() - t0)
+            now = time.monotonic()
+            self.latencies.append(now - t0)
+            if self.on_answered is not None and now - self._published > PUBLISH_EVERY:
+                self._published = now
+                self.on_answered()
         except BaseException:
             log.exception("event handler")
             raise
@@ -207,11 +215,14 @@ class Filler:
             for i, ev in enumerate(events):
                 self.pool.submit(self._handle, slot, i, ev, t0)
 
-    def stats(self) -> dict:
-        lat = sorted(self.latencies)
+    def stats(self, percentiles: bool = True) -> dict:
+        """Counters; the latency percentiles are computed again only when asked (a sort of up to 64k samples)."""
+        if percentiles:
+            lat = sorted(self.latencies)
 
-        def pct(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6, 1) if lat else None
+            def pct(p: float) -> float | None:
+                return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6, 1) if lat else None
 
+            self._percentiles = {"p50": pct(0.5), "p99": pct(0.99)}
         return {"events": self.events, "event_bytes": self.event_bytes, "denied": self.denied,
-                "handler_us": {"p50": pct(0.5), "p99": pct(0.99)}}
+                "handler_us": self._percentiles}

@@ -30,6 +30,7 @@ import os
 import select
 import signal
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +91,6 @@ def _worker_main(sup: "_Supervisor", ready_w: int) -> None:
 def _worker(sup: "_Supervisor", ready_w: int) -> None:
     """A chunk cache of its own (nothing of the supervisor's threads or locks is touched after the fork), over the
     same entries, writing through the supervisor's before-mark descriptors."""
-    import threading
-
     from rafsfs.storage.cache.chunk_cache import ChunkCache
     from rafsfs.storage.factory import source_from_config
 
@@ -108,6 +107,11 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
         entry.refresh()
         targets.append(Target(t.blobs, entry, t.size, t.marked))
     filler = Filler(sup.group, sup.journal, cache, targets, sup.handlers)
+
+    def publish(percentiles: bool = False) -> None:
+        sup.stats.publish({**cache.metrics.snapshot(), "fanotify": filler.stats(percentiles)})
+
+    filler.on_answered = publish
     filler.recover()  # before the first read: see journal.py
 
     def read_events() -> None:
@@ -124,7 +128,7 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
         pass
     os.close(ready_w)
     while True:  # counters for the API, and marks off blobs that became complete
-        sup.stats.publish({**cache.metrics.snapshot(), "fanotify": filler.stats()})
+        publish(percentiles=True)
         for t in targets:
             if not t.marked:
                 continue
@@ -148,19 +152,24 @@ class SharedStats:
 
     def __init__(self):
         self.mm = mmap.mmap(-1, self.SIZE, flags=mmap.MAP_SHARED)
+        self._lock = threading.Lock()  # the worker publishes from its handler threads too
 
     def publish(self, stats: dict) -> None:
         raw = json.dumps(stats).encode()
         if len(raw) + 8 <= self.SIZE:
-            self.mm[8:8 + len(raw)] = raw
-            self.mm[0:8] = struct.pack("<Q", len(raw))
+            with self._lock:
+                self.mm[8:8 + len(raw)] = raw
+                self.mm[0:8] = struct.pack("<Q", len(raw))
 
     def read(self) -> dict:
+        """The latest counters (a read that met a write half-way gives the previous ones)."""
         try:
             (n,) = struct.unpack("<Q", self.mm[0:8])
-            return json.loads(self.mm[8:8 + n]) if 0 < n <= self.SIZE - 8 else {}
+            if 0 < n <= self.SIZE - 8:
+                self._last = json.loads(self.mm[8:8 + n])
         except ValueError:
-            return {}
+            pass
+        return getattr(self, "_last", {})
 
 
 # ---------------------------------------------------------------------------------------------- the supervisor

@@ -128,7 +128,7 @@ class Containerd:
     NS = "rafsfs"
 
     def __init__(self, root: Path, soci: bool = False, nydusd: str | None = None, ca_file: Path | None = None,
-                 prefetch_all: bool = False):
+                 prefetch_all: bool = False, nydusd_mode: str = "fuse"):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.address = str(self.root / "c.sock")
@@ -184,7 +184,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                          "--nydusd", self.nydusd, "--nydus-image", "/bin/true",
                          "--nydusd-config", str(self.nydusd_config), "--fs-driver", "fusedev",
                          "--daemon-mode", "dedicated", "--log-level", "info", "--log-to-stdout"],
-                        nydus_sock)
+                        nydus_sock, env={"RAFSFS_NYDUSD_MODE": nydusd_mode})  # rafsfs-nydusd: fuse|fanotify|auto
             if soci:
                 # soci-snapshotter 0.4.1 fetches SOCI indexes over HTTPS only (its artifact fetcher has no plain-HTTP
                 # switch), so it reads from a TLS registry whose certificate is ``ca_file``
