@@ -275,16 +275,22 @@ class _Supervisor:
             os.close(self.worker_fd)
             self.worker, self.worker_fd = 0, -1
 
-    def do_mount(self) -> None:
-        try:
-            sysmount.mount_erofs(self.image.name, self.mountpoint, self.devices)
-        except OSError as e:
-            raise FanotifyError(f"cannot mount {self.image.name} on {self.mountpoint}: {e.strerror}") from None
-        ids = records.mount_ids(self.mountpoint)
-        self.mount_id = ids[-1] if ids else 0
+    def _record(self) -> None:
         records.write_record(records.MountRecord(self.mountpoint, self.image.name, self.pid,
                                                  records.process_start(self.pid) or 0, self.mount_id, self.devices,
                                                  [t.fill_fd for t in self.targets]))
+
+    def do_mount(self) -> None:
+        self.mount_id = records.UNKNOWN_MOUNT
+        self._record()  # before the mount: a supervisor killed right after mount(2) still leaves its record
+        try:
+            sysmount.mount_erofs(self.image.name, self.mountpoint, self.devices)
+        except OSError as e:
+            records.remove_record(self.mountpoint)
+            raise FanotifyError(f"cannot mount {self.image.name} on {self.mountpoint}: {e.strerror}") from None
+        ids = records.mount_ids(self.mountpoint)
+        self.mount_id = ids[-1] if ids else 0
+        self._record()
         log.info("mounted %s on %s (fanotify, supervisor pid %d)", self.image.name, self.mountpoint, self.pid)
 
     # -------------------------------------------------------------- running

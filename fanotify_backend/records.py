@@ -19,6 +19,9 @@ _SYS_PIDFD_GETFD = 438  # x86-64 and every architecture using the generic syscal
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+UNKNOWN_MOUNT = -1  # in a record written just before mount(2)
+
+
 def run_dir() -> str:
     return os.environ.get("RAFSFS_FANOTIFY_RUN", "/run/rafsfs/fanotify")
 
@@ -169,7 +172,10 @@ def orphan_message(mountpoint: str) -> str | None:
     rec = read_record(target)
     if rec is None:
         return None
-    if rec.mount_id not in mount_ids(target):
+    mounted = mount_ids(target)
+    if rec.mount_id == UNKNOWN_MOUNT and mounted and not alive(rec):  # killed right after mount(2)
+        rec.mount_id = mounted[-1]
+    if rec.mount_id not in mounted:
         if not alive(rec):
             remove_record(target)
         return None

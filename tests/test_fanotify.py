@@ -417,6 +417,10 @@ def test_whole_daemon_killed_leaves_an_orphan_the_check_names(data_image, tmp_pa
     target = str((tmp_path / "mnt").resolve())
     try:
         assert records.orphan_message(target) is None
+        deadline = time.monotonic() + 10
+        while (rec := records.read_record(target)) is None or rec.mount_id == records.UNKNOWN_MOUNT:
+            assert time.monotonic() < deadline, "no mount record"
+            time.sleep(0.02)
         worker = m.worker()
         os.kill(m.pid, signal.SIGKILL)
         m.proc.wait()
