@@ -21,6 +21,13 @@ python3         ``chroot MNT /usr/bin/python3 -c 'import json, sqlite3'`` (exec,
 
 For the fanotify rows: events the worker answered per MiB the workload read, and its handler latency p50/p99
 (read -> answer, from the daemon's API).  Results: a table on stdout, JSON/CSV in ``--out``.
+
+    python bench/fanotify_modes.py --seq           # issue 11's cold sequential target only
+
+``--seq``: one big file of real data (the test rootfs tarball, >= 200 MiB) in a zstd image with 1 MiB chunks (built
+and measured with bench/registry_read.py's code), read cold from the loopback registry with 1 MiB reads in fanotify
+mode and in FUSE mode, against the single-thread zstd decompression rate of the same chunks measured in the same run
+(the floor of issue 11: fanotify >= 0.5x it).  ``--repeat N`` runs each mode N times (median).
 """
 from __future__ import annotations
 
@@ -294,13 +301,71 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_seq(args: argparse.Namespace) -> int:
+    """Cold sequential read of one big file from the registry: fanotify and FUSE against the zstd floor."""
+    from registry_env import start_registry
+    from rootfs_cache import ensure_test_rootfs
+
+    from bench import registry_read as rr
+
+    if os.geteuid() != 0:
+        print("fanotify_modes: needs root (mounts, drop_caches, fanotify)", file=sys.stderr)
+        return 1
+    work = args.out / "work" / "fanotify_seq"
+    src = work / "src"
+    if not (src / rr.FILE).is_file():
+        src.mkdir(parents=True, exist_ok=True)
+        tar = ensure_test_rootfs().parent / "rootfs.tar"
+        try:
+            os.link(tar, src / rr.FILE)
+        except OSError:
+            shutil.copyfile(tar, src / rr.FILE)
+    boot, blob = rr.build_image(work, src)
+    size = (src / rr.FILE).stat().st_size
+    secs, total = rr.zstd_rate(boot, blob)
+    floor = total / MiB / secs
+    log(f"{size / MiB:.1f} MiB file; zstd 1 thread: {floor:.1f} MiB/s")
+    table = Table(f"cold sequential read of a {size / MiB:.0f} MiB file (zstd, 1 MiB chunks) from a loopback registry",
+                  [("row", "row", None), ("secs", "seconds", "{:.2f}"), ("rate", "MiB/s", "{:.1f}"),
+                   ("x_floor", "x zstd 1-thread", "{:.2f}"), ("ev_per_mib", "events/MiB", "{:.1f}"),
+                   ("handler", "handler p50/p99 us", None)])
+    table.add(row="zstd 1 thread (floor)", secs=secs, rate=floor, x_floor=1.0)
+    with start_registry(work / "reg") as reg:
+        reg.push_blob(REPO_NAME, blob)
+        for mode in ("fanotify", "fuse"):
+            runs = []
+            for _ in range(args.repeat):
+                cache = work / f"cold-{mode}"
+                shutil.rmtree(cache, ignore_errors=True)
+                cfg = write_config(work / f"{mode}.json", reg, cache)
+                m = Daemon(mode, boot, cfg, work / "mnt")
+                try:
+                    drop_caches()
+                    took, n = run_workload("big seq", work / "mnt", {"largest": (rr.FILE, size)})
+                    st = m.metrics().get("fanotify", {}) if mode == "fanotify" else {}
+                finally:
+                    m.stop()
+                h = st.get("handler_us") or {}
+                runs.append({"secs": took, "rate": n / MiB / took, "x_floor": n / MiB / took / floor,
+                             "ev_per_mib": st["events"] / (n / MiB) if st.get("events") else None,
+                             "handler": f"{h['p50']:.0f}/{h['p99']:.0f}" if h.get("p50") is not None else None})
+                log(f"{mode}: {runs[-1]}")
+            table.add(row=f"{mode} cold", **sorted(runs, key=lambda r: r["secs"])[len(runs) // 2])
+    table.notes.append(f"machine load average at the end: {os.getloadavg()[0]:.1f} (2 cores shared)")
+    table.print()
+    table.save_json(args.out / "fanotify_seq.json", machine=machine_info())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(parents=[parent_parser()], description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", choices=["bench", "test"], default="bench",
                    help="bench: the 58k-entry rootfs; test: the tests' smaller rootfs")
+    p.add_argument("--seq", action="store_true", help="only the cold sequential read against the zstd floor")
+    p.add_argument("--repeat", type=int, default=1, help="--seq: runs per mode (median)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    return run(args)
+    return run_seq(args) if args.seq else run(args)
 
 
 if __name__ == "__main__":

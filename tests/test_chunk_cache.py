@@ -628,3 +628,29 @@ def test_wait_idle_with_a_quiet_period(image, tmp_path):
     assert time.monotonic() - t0 >= 0.3
     assert cache.wait_idle(timeout=0.05) is True  # no quiet period asked: idle now
     cache.close()
+
+
+def test_fill_follows_an_in_order_reader_through_chunks_it_finds_ready(tmp_path):
+    """fanotify mode's fill: chunks readahead (or anyone) stored already are part of the reader's in-order stream,
+    so the stream keeps fetching ahead after them instead of starting over at the next missing chunk (where the
+    window never grew and the reader fetched most chunks itself, one at a time)."""
+    import time
+
+    (tmp_path / "img").mkdir()
+    boot, blobs, files = _random_image(tmp_path / "img", {"big": 24 * (64 << 10)}, 11, chunk_size=64 << 10)
+    img = RafsImage.open(str(boot))
+    blob = img.blobs[0]
+    refs = sorted(img.chunks(img.resolve("/big")), key=lambda c: c.ci_index)
+    assert len(refs) == 24
+    cache = ChunkCache(LocalFsBackend(str(blobs)), CacheOptions(work_dir=str(tmp_path / "c"), readahead=4 << 16))
+    try:
+        cache.ensure(blob, refs[2:10])  # stored before the reader gets there
+        for c in refs[:11]:  # the reader in order: 0, 1 missing, 2..9 ready, 10 missing
+            cache.fill(blob, [c])
+            assert cache.is_ready(blob, c)
+        deadline = time.monotonic() + 30
+        while not all(cache.is_ready(blob, c) for c in refs[11:14]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(cache.is_ready(blob, c) for c in refs[11:14]), "no readahead past the chunks found ready"
+    finally:
+        cache.close()

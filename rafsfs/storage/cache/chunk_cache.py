@@ -309,19 +309,27 @@ class ChunkCache(ChunkSource):
         meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again.
         BlobUnavailable if the blob has no entry here (its data file is what the reader reads)."""
         bc = self.entry(blob)
-        missing = [c.ci_index for c in chunks if not bc.is_ready(c.ci_index)]
-        if missing:
-            lo, hi = min(missing), max(missing) + 1
-            disk = os.pread(bc.map_fd, hi - lo, MAP_HEADER.size + lo)
-            for ci in missing:
-                if ci - lo < len(disk) and disk[ci - lo] == 1:
-                    bc.ready[ci] = 1
+        self._ready_on_disk(bc, [c.ci_index for c in chunks])
+        if self.opts.readahead and chunks and self._storing(bc):
+            # on hits too: an in-order reader's stream must see every step, or the chunks readahead filled make
+            # the next miss look like a jump (a new stream each window, and the window never grows)
+            self._read_ahead(blob, bc, chunks)
         if all(bc.is_ready(c.ci_index) for c in chunks):
             self.metrics.hit()
             return
-        if self.opts.readahead and self._storing(bc):
-            self._read_ahead(blob, bc, chunks)
         self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
+
+    @staticmethod
+    def _ready_on_disk(bc: BlobCacheFile | _Uncached, cis: list[int]) -> None:
+        """Take the chunks among ``cis`` that another process stored meanwhile (the shared map on disk) as ready."""
+        missing = [ci for ci in cis if not bc.is_ready(ci)]
+        if not missing or not isinstance(bc, BlobCacheFile):
+            return
+        lo, hi = min(missing), max(missing) + 1
+        disk = os.pread(bc.map_fd, hi - lo, MAP_HEADER.size + lo)
+        for ci in missing:
+            if ci - lo < len(disk) and disk[ci - lo] == 1:
+                bc.ready[ci] = 1
 
     def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
         """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
@@ -599,6 +607,7 @@ class ChunkCache(ChunkSource):
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
         meta = self.meta(blob)
+        self._ready_on_disk(bc, list(range(start, end)))  # a process sharing the entry may have stored them
         refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
         if refs:
             pool.submit(self._background_ensure, blob, bc, refs)
