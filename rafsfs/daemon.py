@@ -255,7 +255,7 @@ class MountSession:
 
     def _deferred_source(self, cfg: "RafsConfig", image: "RafsImage"):
         """A chunk cache built once the mount is up (then probed, then prefetching); reads that come first wait."""
-        from .storage.deferred import DeferredCache
+        from .deferred_source import DeferredCache
         from .storage.factory import source_from_config
 
         if cfg.cache.type == "none":

@@ -122,6 +122,67 @@ def test_restarted_fuse_daemon_asks_a_real_registry_for_nothing(no_table_image, 
             assert gets if run == "cold" else gets == [], (run, gets)
 
 
+def test_saved_metadata_is_counted_and_leaves_with_the_last_entry_of_its_blob(no_table_image, tmp_path):
+    """``<blob id>.blob.meta`` is part of the cache's usage (``rafsfs cache ls``), stays while any entry of its blob
+    id is left (two chunk tables of one blob id share it), and is deleted with the last one; a metadata file with no
+    entry at all is counted and removed first."""
+    import shutil
+
+    from conftest import run_rafsfs_proc
+
+    from rafsfs.storage.cache.store import evict, list_entries, remove_entry, usage
+
+    boot, blobs, files = no_table_image
+    work = tmp_path / "cache"
+    img, be, cache = _session(boot, blobs, work)
+    assert _read_all(img, cache) == files
+    blob = img.blobs[0]
+    cache.close()
+    img.close()
+    meta = work / (blob.blob_id + META_SUFFIX)
+    meta_bytes = meta.stat().st_blocks * 512
+    assert meta_bytes > 0
+    (entry,) = list_entries(str(work))
+    assert entry.meta_bytes == meta_bytes
+    on_disk = sum(p.stat().st_blocks * 512 for p in work.iterdir())
+    assert entry.disk_bytes == usage(str(work)) == on_disk
+    ls = json.loads(run_rafsfs_proc("cache", "ls", "--work-dir", work, "--json", check=0).stdout)
+    assert [(e["entry"], e["meta_bytes"], e["disk_bytes"]) for e in ls] == [(entry.name, meta_bytes, on_disk)]
+
+    # a second entry of the blob id (another chunk table naming it): the metadata is counted once, and stays until
+    # the last of the two is removed
+    twin = f"{blob.blob_id}.{'0' * 16}"
+    for suffix in (".chunk_map", ".blob.data"):
+        shutil.copyfile(work / (entry.name + suffix), work / (twin + suffix))
+    assert sum(e.meta_bytes for e in list_entries(str(work))) == meta_bytes
+    assert usage(str(work)) == sum(p.stat().st_blocks * 512 for p in work.iterdir())
+    assert remove_entry(str(work), twin) and meta.is_file()
+    assert remove_entry(str(work), entry.name) and not meta.exists()
+    assert list(work.iterdir()) == []
+
+    # metadata whose entry is gone (a daemon stopped before it made one): counted, listed, removed by gc
+    img, be, cache = _session(boot, blobs, work)
+    assert _read_all(img, cache) == files
+    cache.close()
+    img.close()
+    for p in work.iterdir():
+        if not p.name.endswith(META_SUFFIX):
+            p.unlink()
+    assert list_entries(str(work)) == [] and usage(str(work)) == meta_bytes
+    text = run_rafsfs_proc("cache", "ls", "--work-dir", work, check=0).stdout
+    assert "saved metadata of 1 blobs without an entry" in text and "0 blobs" in text
+    run_rafsfs_proc("cache", "gc", "--work-dir", work, check=0)
+    assert list(work.iterdir()) == []
+
+    # and the size cap's eviction (the chunk cache's own) takes the metadata with the entry
+    img, be, cache = _session(boot, blobs, work)
+    assert _read_all(img, cache) == files
+    cache.close()
+    img.close()
+    assert meta.is_file() and [e.name for e in evict(str(work), 1)] == [entry.name]
+    assert list(work.iterdir()) == [] and usage(str(work)) == 0
+
+
 @pytest.mark.parametrize("damage", ["payload", "foreign", "truncated", "forged"])
 def test_saved_metadata_that_does_not_match_is_fetched_again(no_table_image, tmp_path, damage):
     boot, blobs, files = no_table_image

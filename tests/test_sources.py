@@ -17,7 +17,7 @@ from rafsfs.storage.backend.localfs import LocalFsBackend
 from rafsfs.storage.cache.chunk_cache import CacheOptions, ChunkCache
 from rafsfs.storage.cache.none import DirectChunkSource
 from rafsfs.storage.cache.prefetch import PrefetchPlan, start_prefetch
-from rafsfs.storage.deferred import DeferredCache
+from rafsfs.deferred_source import DeferredCache
 from rafsfs.storage.metrics import CacheMetrics
 from test_chunk_cache import CountingBackend
 

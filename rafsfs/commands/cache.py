@@ -41,7 +41,7 @@ def _cache_dir(args: argparse.Namespace) -> str:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from ..storage.cache.store import list_entries
+    from ..storage.cache.store import list_entries, orphan_metas
 
     entries = list_entries(_cache_dir(args))
     if args.json:
@@ -52,6 +52,11 @@ def run_ls(args: argparse.Namespace) -> int:
         println(f"{e.name}  {e.chunks_ready:>7}/{e.chunks_total:<7} chunks  {format_bytes(e.disk_bytes):>10}  "
                 f"{when}  {'in use' if e.in_use else 'idle'}")
     total = sum(e.disk_bytes for e in entries)
+    orphans = orphan_metas(_cache_dir(args))
+    if orphans:  # removed by the next `rafsfs cache gc`
+        total += sum(o.disk_bytes for o in orphans)
+        println(f"saved metadata of {len(orphans)} blobs without an entry: "
+                f"{format_bytes(sum(o.disk_bytes for o in orphans))}")
     println(f"{len(entries)} blobs, {format_bytes(total)} on disk in {_cache_dir(args)}")
     return 0
 

@@ -1,9 +1,18 @@
 """The cache directory as a whole: list its entries, and evict whole blobs not in use (least recently used first).
 
 Used by the chunk cache to keep under its size cap and by ``rafsfs cache ls|gc``.
+
+Beside the entries lies one ``<blob id>.blob.meta`` per blob whose metadata was read from the backend
+(:mod:`rafsfs.storage.meta`), shared by every entry of that blob id (one per chunk table).  Its bytes are counted
+once, with the entry of that blob id that eviction would reach last (an entry in use, else the most recently used),
+and it is deleted when the last entry of its blob id is removed.  A metadata file with no entry at all (its daemon
+stopped before it made one, or a crash between two unlinks) is garbage: counted in :func:`usage` and removed first by
+:func:`evict`.  A daemon that saves the file just before making its entry can lose it to a concurrent eviction; it
+then fetches the metadata again at its next start, nothing worse.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -20,9 +29,10 @@ class CacheEntry:
     name: str  # entry name: <blob id>.<table key> (see blob_file), or the blob id alone for older entries
     chunks_total: int
     chunks_ready: int
-    disk_bytes: int  # allocated bytes of data + map
+    disk_bytes: int  # allocated bytes of data + map (+ meta_bytes)
     last_used: float  # epoch seconds
     in_use: bool  # a process holds it open
+    meta_bytes: int = 0  # allocated bytes of the blob's saved metadata, when this entry carries them (see above)
 
     @property
     def blob_id(self) -> str:
@@ -31,7 +41,15 @@ class CacheEntry:
     def as_dict(self) -> dict:
         return {"blob": self.blob_id, "entry": self.name, "chunks_ready": self.chunks_ready,
                 "chunks_total": self.chunks_total, "disk_bytes": self.disk_bytes, "last_used": self.last_used,
-                "in_use": self.in_use}
+                "in_use": self.in_use, "meta_bytes": self.meta_bytes}
+
+
+@dataclass(frozen=True)
+class OrphanMeta:
+    """A saved ``<blob id>.blob.meta`` with no entry of its blob id beside it."""
+    blob_id: str
+    disk_bytes: int
+    last_used: float  # mtime: when it was saved
 
 
 def _busy(map_path: str) -> bool:
@@ -55,14 +73,18 @@ def _allocated(path: str) -> int:
         return 0
 
 
-def list_entries(work_dir: str) -> list[CacheEntry]:
-    """Every blob entry in ``work_dir``, least recently used first."""
+def _scan(work_dir: str) -> tuple[list[CacheEntry], list[OrphanMeta]]:
+    """The entries of ``work_dir``, least recently used first, and the metadata files no entry goes with."""
     try:
         names = os.listdir(work_dir)
     except FileNotFoundError:
-        return []
+        return [], []
     out = []
+    metas = {}
     for fn in names:
+        if fn.endswith(META_SUFFIX):
+            metas[fn[:-len(META_SUFFIX)]] = fn
+            continue
         if not fn.endswith(MAP_SUFFIX):
             continue
         name = fn[:-len(MAP_SUFFIX)]
@@ -76,7 +98,35 @@ def list_entries(work_dir: str) -> list[CacheEntry]:
                               + _allocated(os.path.join(work_dir, name + DATA_SUFFIX)),
                               st.st_mtime, _busy(map_path)))
     out.sort(key=lambda e: e.last_used)
-    return out
+    carrier = {}  # blob id -> index of the entry eviction reaches last: in use, else the most recently used
+    for i, e in enumerate(out):
+        j = carrier.get(e.blob_id)
+        if j is None or e.in_use or not out[j].in_use:
+            carrier[e.blob_id] = i
+    for blob_id, i in carrier.items():
+        fn = metas.pop(blob_id, None)
+        if fn is not None:
+            n = _allocated(os.path.join(work_dir, fn))
+            out[i] = dataclasses.replace(out[i], disk_bytes=out[i].disk_bytes + n, meta_bytes=n)
+    orphans = []
+    for blob_id, fn in metas.items():
+        try:
+            st = os.lstat(os.path.join(work_dir, fn))
+        except OSError:
+            continue
+        orphans.append(OrphanMeta(blob_id, st.st_blocks * 512, st.st_mtime))
+    orphans.sort(key=lambda o: o.last_used)
+    return out, orphans
+
+
+def list_entries(work_dir: str) -> list[CacheEntry]:
+    """Every blob entry in ``work_dir``, least recently used first (saved blob metadata counted as above)."""
+    return _scan(work_dir)[0]
+
+
+def orphan_metas(work_dir: str) -> list[OrphanMeta]:
+    """Saved blob metadata files in ``work_dir`` that no entry goes with, oldest first."""
+    return _scan(work_dir)[1]
 
 
 def remove_entry(work_dir: str, name: str) -> bool:
@@ -100,38 +150,48 @@ def remove_entry(work_dir: str, name: str) -> bool:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        _drop_meta(work_dir, blob_id_of(name))
-        return True
     finally:
         os.close(fd)
+    blob_id = blob_id_of(name)
+    if not entries_of(work_dir, blob_id):
+        _unlink(os.path.join(work_dir, blob_id + META_SUFFIX))  # the blob's last entry: its metadata goes too
+    return True
 
 
-def _drop_meta(work_dir: str, blob_id: str) -> None:
-    """A blob's saved metadata (:mod:`..meta`) goes with its last entry: else it would stay forever, outside the
-    size cap.  (A process that saves it again meanwhile only fetches it once more at its next start.)"""
-    if entries_of(work_dir, blob_id):
-        return
+def _unlink(path: str) -> None:
     try:
-        os.unlink(os.path.join(work_dir, blob_id + META_SUFFIX))
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
 
 def usage(work_dir: str) -> int:
-    return sum(e.disk_bytes for e in list_entries(work_dir))
+    """Allocated bytes of every entry and every saved blob metadata file in ``work_dir``."""
+    entries, orphans = _scan(work_dir)
+    return sum(e.disk_bytes for e in entries) + sum(o.disk_bytes for o in orphans)
 
 
 def evict(work_dir: str, max_bytes: int | None = None) -> list[CacheEntry]:
     """Remove entries not in use, least recently used first, until the directory holds at most ``max_bytes``
-    (``None``: remove every entry not in use).  Returns the removed entries."""
-    entries = list_entries(work_dir)
-    total = sum(e.disk_bytes for e in entries)
+    (``None``: remove every entry not in use).  Metadata files without an entry go first, and a blob's metadata
+    file goes with its last entry.  Returns the removed entries."""
+    entries, orphans = _scan(work_dir)
+    total = sum(e.disk_bytes for e in entries) + sum(o.disk_bytes for o in orphans)
+    for o in orphans:
+        if max_bytes is not None and total <= max_bytes:
+            break
+        _unlink(os.path.join(work_dir, o.blob_id + META_SUFFIX))
+        total -= o.disk_bytes
+        log.info("cache: removed metadata of blob %s, which has no entry (%d bytes)", o.blob_id, o.disk_bytes)
     removed = []
     for e in entries:
         if max_bytes is not None and total <= max_bytes:
             break
         if not e.in_use and remove_entry(work_dir, e.name):
             removed.append(e)
-            total -= e.disk_bytes
-            log.info("cache: evicted blob %s (%d bytes)", e.name, e.disk_bytes)
+            freed = e.disk_bytes
+            if e.meta_bytes and os.path.exists(os.path.join(work_dir, e.blob_id + META_SUFFIX)):
+                freed -= e.meta_bytes  # another entry of the blob (one that became busy meanwhile) keeps it
+            total -= freed
+            log.info("cache: evicted blob %s (%d bytes)", e.name, freed)
     return removed

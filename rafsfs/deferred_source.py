@@ -5,6 +5,9 @@ the registry source means importing an HTTP stack (~40 ms of a ~0.3 s Python sta
 (a round trip), none of which the mount itself needs: it serves metadata from the bootstrap.  The runtime spends
 ~0.1 s setting the container up after the mount is ready, before its first file read; the source is built then.
 A read that comes first waits for it; a source that could not be built fails reads with its error (EIO).
+
+It lives beside the mount session (:mod:`rafsfs.daemon`, its only user), not in ``storage/``: it is about when a
+daemon builds its source, not about how chunks are stored.  It imports storage; storage never imports it.
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..errors import BlobUnavailable, RafsError
-from ..blob import BlobInfo, ChunkRef, ChunkSlice
-from .cache.chunk_cache import ChunkCache
-from .meta import BlobMeta
-from .metrics import CacheMetrics
-from .source import ChunkSource
+from .blob import BlobInfo, ChunkRef, ChunkSlice
+from .errors import BlobUnavailable, RafsError
+from .storage.cache.chunk_cache import ChunkCache
+from .storage.meta import BlobMeta
+from .storage.metrics import CacheMetrics
+from .storage.source import ChunkSource
 
 log = logging.getLogger(__name__)
 
