@@ -52,8 +52,9 @@ FULL, FANOTIFY, FUSE, SOCI = WAYS[:4]
 
 TOOLS = ("ctr", "ctr-remote", "soci", "runc", "containerd-shim-runc-v2", "containerd", "containerd-nydus-grpc",
          "soci-snapshotter-grpc", "docker-registry", "rafsfs-nydusd")
-DAEMON_MODULES = ("rafsfs.nydusd", "fuse_backend.mount", "fanotify_backend.runner", "rafsfs.config", "rafsfs.image", "rafsfs.storage.factory",
-                  "rafsfs.storage.backend.registry", "rafsfs.storage.cache.prefetch", "rafsfs.tools")
+DAEMON_MODULES = ("rafsfs.nydusd", "fuse_backend.mount", "fanotify_backend.runner", "rafsfs.config", "rafsfs.image",
+                  "rafsfs.storage.factory", "rafsfs.storage.backend.registry", "rafsfs.storage.cache.prefetch",
+                  "rafsfs.tools")
 
 
 def cold_image_warm_tools() -> None:
