@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 HANDLERS = 16  # events filled at the same time
 LATENCIES = 1 << 16  # handler latencies kept for p50/p99
-PUBLISH_EVERY = 0.02  # seconds
 SHARED_RECHECK = 0.5  # seconds between looks whether another daemon serves a data file too
 
 
@@ -76,8 +75,7 @@ class Filler:
         self.event_bytes = 0
         self.denied = 0
         self.latencies: deque[float] = deque(maxlen=LATENCIES)
-        self.on_answered = None  # called at most every PUBLISH_EVERY seconds after an answer (counters for the API)
-        self._published = 0.0
+        self.on_answered = None  # called after every answer: must be cheap (the worker wakes its publisher)
         self._percentiles: dict = {"p50": None, "p99": None}
 
     # ------------------------------------------------------------------ one event
@@ -150,10 +148,8 @@ class Filler:
             self.journal.set_answered(slot, i)
             if ev.fd >= 0:
                 os.close(ev.fd)
-            now = time.monotonic()
-            self.latencies.append(now - t0)
-            if self.on_answered is not None and now - self._published > PUBLISH_EVERY:
-                self._published = now
+            self.latencies.append(time.monotonic() - t0)
+            if self.on_answered is not None:
                 self.on_answered()
         except BaseException:
             log.exception("event handler")

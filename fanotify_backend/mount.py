@@ -52,6 +52,7 @@ WORKER_START_TIMEOUT = 120.0  # seconds for the first worker to be reading event
 RESPAWN_BURST = 5  # worker deaths within RESPAWN_WINDOW before the supervisor slows down re-forking
 RESPAWN_WINDOW = 10.0
 COMPLETE_CHECK = 0.5  # seconds between checks whether a marked blob became complete (its mark is then removed)
+PUBLISH_EVERY = 0.02  # seconds: the API's counters trail the last answer by at most about this
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -111,7 +112,12 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
     def publish(percentiles: bool = False) -> None:
         sup.stats.publish({**cache.metrics.snapshot(), "fanotify": filler.stats(percentiles)})
 
-    filler.on_answered = publish
+    # Answers only wake this thread, the one publisher: every answer is published within ~PUBLISH_EVERY, also the
+    # last of a burst (a handler that published itself at most every PUBLISH_EVERY left a burst's tail unpublished
+    # until the next COMPLETE_CHECK, so a client reading the counters right after its reads missed requests), and no
+    # older snapshot from a slower handler overwrites a newer one.
+    answered = threading.Event()
+    filler.on_answered = answered.set
     filler.recover()  # before the first read: see journal.py
 
     def read_events() -> None:
@@ -127,7 +133,15 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
     except OSError:  # a respawned worker: the supervisor does not wait for this
         pass
     os.close(ready_w)
+    next_check = 0.0
     while True:  # counters for the API, and marks off blobs that became complete
+        if answered.wait(max(0.0, next_check - time.monotonic())):
+            answered.clear()
+            publish()
+            time.sleep(PUBLISH_EVERY)  # answers meanwhile are published together, on the next turn
+            if time.monotonic() < next_check:
+                continue
+        next_check = time.monotonic() + COMPLETE_CHECK
         publish(percentiles=True)
         for t in targets:
             if not t.marked:
@@ -142,7 +156,6 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
                         raise
                 t.marked = False
                 log.info("blob %s is complete: mark removed, the kernel reads it alone", t.entry.name)
-        time.sleep(COMPLETE_CHECK)
 
 
 class SharedStats:
@@ -152,7 +165,7 @@ class SharedStats:
 
     def __init__(self):
         self.mm = mmap.mmap(-1, self.SIZE, flags=mmap.MAP_SHARED)
-        self._lock = threading.Lock()  # the worker publishes from its handler threads too
+        self._lock = threading.Lock()
 
     def publish(self, stats: dict) -> None:
         raw = json.dumps(stats).encode()

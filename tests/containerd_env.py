@@ -5,8 +5,8 @@
 * :class:`Registry` — tests/registry_env.py's ``docker-registry``, started at once, with the push helpers an OCI
   image needs (layers with their sizes, manifests).
 * :func:`push_oci_image` — an OCI image (one gzip layer per tar) pushed to the registry.
-* :class:`Containerd` — containerd + nydus-snapshotter (``--nydusd rafsfs-nydusd``, FUSE) and, on request,
-  soci-snapshotter, all under one private root; ``ctr``/``ctr-remote`` wrappers.
+* :class:`Containerd` — containerd + nydus-snapshotter (``--nydusd rafsfs-nydusd`` in ``nydusd_mode``) and, on
+  request, soci-snapshotter, all under one private root; ``ctr``/``ctr-remote`` wrappers.
 
 Everything started here is stopped by ``close()`` (mounts under the root are unmounted, processes killed), also
 when a test fails.
@@ -122,7 +122,8 @@ class Result:
 
 
 class Containerd:
-    """containerd with nydus-snapshotter (nydusd = rafsfs-nydusd, FUSE, dedicated daemons) and optionally
+    """containerd with nydus-snapshotter (nydusd = rafsfs-nydusd in ``nydusd_mode``: fuse, fanotify or auto, through
+    ``RAFSFS_NYDUSD_MODE``; dedicated daemons) and optionally
     soci-snapshotter, under ``root`` (keep it short: unix socket paths are limited to 107 bytes)."""
 
     NS = "rafsfs"

@@ -1,6 +1,8 @@
 """End to end with the real components: an OCI image with python3 in a local docker-registry, ``rafsfs convert``
-to a Nydus image, containerd + nydus-snapshotter (Debian 13's) whose ``--nydusd`` is ``rafsfs-nydusd`` in FUSE mode,
-``ctr-remote images rpull`` and ``ctr run``.
+to a Nydus image, containerd + nydus-snapshotter (Debian 13's) whose ``--nydusd`` is ``rafsfs-nydusd``,
+``ctr-remote images rpull`` and ``ctr run``.  The python3 image runs with rafsfs-nydusd in each of its modes
+(``RAFSFS_NYDUSD_MODE`` fuse and fanotify: one containerd per mode, the registry and the converted image shared);
+the multi-layer image on FUSE.
 
 The rootfs is debootstrap minbase + python3 (tests/rootfs_cache.py), cached as a tarball between runs.
 """
@@ -32,20 +34,47 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def env():
+def base():
     missing = [t for t in TOOLS if shutil.which(t) is None]
     assert not missing, f"not installed: {missing} (.ci/install installs them)"
     root = short_tmpdir("rfe2e.")
     reg = Registry(root / "reg")
-    ce = None
     try:
-        ce = Containerd(root / "c")
-        yield root, reg, ce
+        yield root, reg
     finally:
-        if ce is not None:
-            ce.close()
         reg.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _containerd(base, mode: str):
+    root, reg = base
+    ce = Containerd(root / mode[:3], nydusd_mode=mode)
+    try:
+        yield root, reg, ce
+    finally:
+        ce.close()
+
+
+@pytest.fixture(scope="module")
+def env(base):
+    """containerd + nydus-snapshotter with rafsfs-nydusd in FUSE mode."""
+    yield from _containerd(base, "fuse")
+
+
+@pytest.fixture(scope="module")
+def env_fanotify(base):
+    """The same with rafsfs-nydusd in fanotify mode (kernel EROFS over the chunk cache)."""
+    yield from _containerd(base, "fanotify")
+
+
+@pytest.fixture(scope="module")
+def python_image(base):
+    """The python3 image pushed and converted once for every mode: (nydus ref, its manifest)."""
+    _root, reg = base
+    oci = push_oci_image(reg, "e2e/python", "oci", [python_rootfs_tar()], CI_CACHE / "layers")
+    nydus = f"{reg.host}/e2e/python:nydus"
+    _convert(oci, nydus)
+    return nydus, reg.get_manifest("e2e/python", "nydus")
 
 
 def _convert(src: str, dst: str) -> None:
@@ -56,12 +85,22 @@ def _nydusd_socks(ce: Containerd) -> list[Path]:
     return sorted((ce.root / "nydus" / "socket").glob("*/api.sock"))
 
 
-def test_python_prints_42_lazily(env):
-    root, reg, ce = env
-    oci = push_oci_image(reg, "e2e/python", "oci", [python_rootfs_tar()], CI_CACHE / "layers")
-    nydus = f"{reg.host}/e2e/python:nydus"
-    _convert(oci, nydus)
-    manifest = reg.get_manifest("e2e/python", "nydus")
+def _mounts_under(path: Path) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of the mounts under ``path``."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for ln in f:
+            fields = ln.split()
+            target, fstype = fields[4], fields[fields.index("-") + 1]
+            if target.startswith(str(path) + "/"):
+                out.append((target, fstype))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fuse", "fanotify"])
+def test_python_prints_42_lazily(mode, python_image, request):
+    root, reg, ce = request.getfixturevalue("env" if mode == "fuse" else "env_fanotify")
+    nydus, manifest = python_image
     boot = manifest["layers"][-1]
     assert boot["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
     blobs = [x for x in manifest["layers"] if x["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"]
@@ -71,12 +110,20 @@ def test_python_prints_42_lazily(env):
     assert not _nydusd_socks(ce)  # rpull unpacks only the bootstrap layer; the daemon starts with the container
     r = ce.run(nydus, "python3", "-c", "print(42)")
     assert r.stdout == "42\n", r
+    # the daemon serves the image in the mode asked for: FUSE, or the kernel's EROFS filled on fanotify events
+    snaps = ce.root / "nydus" / "snapshots"
+    assert [t.split(".")[0] for _, t in _mounts_under(snaps)] == [{"fuse": "fuse", "fanotify": "erofs"}[mode]], \
+        _mounts_under(snaps)
 
     # the snapshotter's nydusd is ours: it answers the API, and fetched only part of the blob (lazy loading)
     socks = _nydusd_socks(ce)
     assert len(socks) == 1
     s = read_stats(str(socks[0]))
     assert s["state"] == "RUNNING"
+    # the counters are current once the container has exited: a moment later they say the same (fanotify mode's
+    # worker once left the tail of a burst of answers unpublished for up to 0.5 s)
+    time.sleep(0.7)
+    assert read_stats(str(socks[0]))["backend_requests"] == s["backend_requests"]
     blob_bytes = sum(x["size"] for x in blobs)
     assert 0 < s["bytes_fetched"] < blob_bytes / 2, (s, blob_bytes)
     assert s["errors"] == 0
@@ -86,7 +133,8 @@ def test_python_prints_42_lazily(env):
     # the config the snapshotter wrote from our template is understood: no warning or error from the daemon
     # (its log goes to the snapshotter's stdout: --log-to-stdout)
     assert not [ln for ln in ce.log("nydus-snapshotter").splitlines()
-                if " WARNING rafsfs" in ln or " ERROR rafsfs" in ln or " WARNING fuse_backend" in ln]
+                if any(f" {lvl} {lg}" in ln for lvl in ("WARNING", "ERROR")
+                       for lg in ("rafsfs", "fuse_backend", "fanotify_backend"))]
 
     # a second container reuses the daemon and its cache: no new backend requests for the same program
     r2 = ce.run(nydus, "python3", "-c", "import sys; print(sys.version_info[0] * 14)")
@@ -102,8 +150,7 @@ def test_python_prints_42_lazily(env):
         if time.monotonic() > deadline:
             pytest.fail(f"nydusd still running after the image was removed: {ce.nydusd_pids()}")
         time.sleep(0.2)
-    with open("/proc/self/mountinfo") as f:
-        assert not [ln for ln in f if str(mnt) in ln and "fuse" in ln]
+    assert not _mounts_under(mnt)
 
 
 def _layer(entries: list[tuple[str, bytes | None]]) -> bytes:
@@ -136,7 +183,7 @@ print(repr({
 
 
 def test_multi_layer_whiteouts_and_replacements(env, tmp_path):
-    root, reg, ce = env
+    _root, reg, ce = env
     base = python_rootfs_tar()
     l2 = tmp_path / "l2.tar"
     l2.write_bytes(_layer([

@@ -300,6 +300,31 @@ def test_corrupt_chunk_is_eio_for_its_file_only(data_image, tmp_path):
 
 
 @pytest.mark.allow_log()
+def test_counters_are_current_right_after_the_reads(data_image, tmp_path):
+    """A client that reads the API right after its reads sees them counted (the e2e snapshotter test compares the
+    counters across two containers): the last answers of a burst are published too, not only on the next 0.5 s
+    turn of the worker's loop."""
+    d, boot, blob, files = data_image
+    m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--blob-dir", d / "blobs")
+    try:
+        m.fanotify_stats(lambda st: "events" in st)
+        time.sleep(0.6)  # the start's own publishing is over
+        for p, data in files.items():  # a burst of cold reads, each raising events answered a few ms apart
+            if p.startswith("/small/"):
+                assert read_errno(m.mnt / p.lstrip("/")) == data, p
+        time.sleep(0.1)  # the answers' publisher runs every 20 ms
+        now = m.metrics()
+        time.sleep(0.7)  # past the loop's 0.5 s turn
+        later = m.metrics()
+        assert now["fanotify"]["events"] >= 8
+        assert (now["fanotify"]["events"], now["backend_requests"], now["bytes_fetched"]) == \
+            (later["fanotify"]["events"], later["backend_requests"], later["bytes_fetched"])
+    except BaseException:
+        m.kill()
+        raise
+    m.stop()
+
+
 def test_registry_dying_mid_read_is_eio_within_the_deadline(data_image, tmp_path):
     """timeout 1.5 s, connect 1 s, 1 retry: a 5 s deadline per backend read (doubled: the kernel asks for the
     readahead, then the page), plus slack for a loaded machine.  A fail-open would return zeros instead."""
