@@ -373,3 +373,51 @@ def test_a_look_at_a_new_entry_does_not_turn_its_creator_away(tmp_path):
         assert ready_map(bc.map_path)[0] == 1
     finally:
         bc.close()
+
+
+def test_chunks_another_process_stored_are_not_fetched_again_before_their_map_bytes(tmp_path, monkeypatch):
+    """Two daemons sharing an entry (fanotify mode: both groups see each read, one after the other): the second
+    takes the chunks the first stored as soon as their bytes are in the data file and match its own digests, even
+    while their map bytes still wait for the first daemon's fdatasync; a chunk never written is fetched."""
+    rnd = random.Random(11)
+    files = {"x": rnd.randbytes(4 * CS)}
+    boot, blobs = _build(tmp_path, "one", files)
+    img = RafsImage.open(str(boot))
+    blob = img.blobs[0]
+    work = str(tmp_path / "cache")
+    c1 = ChunkCache(CountingBackend(str(blobs)), CacheOptions(work_dir=work, readahead=0))
+    c2 = ChunkCache(CountingBackend(str(blobs)), CacheOptions(work_dir=work, readahead=0))
+    monkeypatch.setattr(c1._committer, "add", lambda bc, cis: None)  # c1's map bytes never reach the disk
+    try:
+        refs = [c1.meta(blob).chunk_ref(ci) for ci in range(blob.chunk_count)]
+        c1.fill(blob, refs[:2])
+        assert c1.backend.requests
+        c2.fill(blob, [c2.meta(blob).chunk_ref(ci) for ci in range(2)])
+        assert not c2.backend.requests, "the first daemon's verified bytes are in the shared data file"
+        c2.fill(blob, [c2.meta(blob).chunk_ref(2)])
+        assert c2.backend.requests, "a chunk nobody stored is fetched"
+        with open(c2.data_path(blob), "rb") as f:
+            data = f.read()
+        assert data[:len(files["x"])][:3 * CS] == files["x"][:3 * CS]
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_a_readahead_claim_keeps_a_second_process_from_fetching_the_same_chunks(tmp_path):
+    files = {"x": random.Random(12).randbytes(4 * CS)}
+    boot, blobs = _build(tmp_path, "one", files)
+    blob = RafsImage.open(str(boot)).blobs[0]
+    work = str(tmp_path / "cache")
+    c1 = ChunkCache(CountingBackend(str(blobs)), CacheOptions(work_dir=work))
+    c2 = ChunkCache(CountingBackend(str(blobs)), CacheOptions(work_dir=work))
+    try:
+        e1, e2 = c1.entry(blob), c2.entry(blob)
+        assert e1.claim(0, 3)
+        assert not e2.claim(2, 4), "chunk 2 is claimed by the other open entry"
+        assert e2.claim(3, 4)
+        e1.release(0, 3)
+        assert e2.claim(0, 3)
+    finally:
+        c1.close()
+        c2.close()

@@ -113,6 +113,8 @@ def entries_of(work_dir: str, blob_id: str) -> list[str]:
                   if fn.endswith(MAP_SUFFIX) and blob_id_of(fn[:-len(MAP_SUFFIX)]) == blob_id)
 
 
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid (64-bit Linux)
+
 class BlobCacheFile:
     """Data file + ready map of one entry, held open (and locked shared) while in use."""
 
@@ -231,6 +233,27 @@ class BlobCacheFile:
         for ci in range(min(len(disk), len(self.ready))):
             if disk[ci] == 1:
                 self.ready[ci] = 1
+
+    def claim(self, start: int, end: int) -> bool:
+        """Claim chunks ``start``..``end`` for a fetch this process makes in the background (readahead): False if
+        another process sharing the entry holds a claim on any of them (it is fetching them: fetching them again
+        would only cost the registry twice).  An open-file-description lock on their map bytes, so it is dropped
+        when the process dies, and no other descriptor of the map this process opens or closes touches it.  A
+        hint only: a chunk counts as stored by its bytes and map byte, never by a claim."""
+        return self._ofd_lock(fcntl.F_WRLCK, start, end, fcntl.F_OFD_SETLK)
+
+    def release(self, start: int, end: int) -> None:
+        self._ofd_lock(fcntl.F_UNLCK, start, end, fcntl.F_OFD_SETLK)
+
+    def _ofd_lock(self, kind: int, start: int, end: int, cmd: int) -> bool:
+        lock = _FLOCK.pack(kind, os.SEEK_SET, HEADER.size + start, end - start, 0)
+        try:
+            fcntl.fcntl(self.map_fd, cmd, lock)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
 
     def write_chunk(self, ci: int, offset: int, data: bytes) -> None:
         """Store a verified chunk's bytes.  It is ready for this process at once; its map byte is written by

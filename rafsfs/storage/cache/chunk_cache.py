@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...blob import BlobInfo, ChunkRef, ChunkSlice
+from ...compression import digest
 from ...errors import BlobUnavailable, RafsError
 from ..backend.base import BlobBackend
 from ..fetch import DEFAULT_AMPLIFY_IO, DEFAULT_WORKERS, ChunkFetcher, follows
@@ -309,7 +310,7 @@ class ChunkCache(ChunkSource):
         meanwhile (two images sharing a blob) are taken from the shared ready map instead of fetched again.
         BlobUnavailable if the blob has no entry here (its data file is what the reader reads)."""
         bc = self.entry(blob)
-        self._ready_on_disk(bc, [c.ci_index for c in chunks])
+        self._ready_on_disk(blob, bc, [c.ci_index for c in chunks])
         if self.opts.readahead and chunks and self._storing(bc):
             # on hits too: an in-order reader's stream must see every step, or the chunks readahead filled make
             # the next miss look like a jump (a new stream each window, and the window never grows)
@@ -319,17 +320,36 @@ class ChunkCache(ChunkSource):
             return
         self._ensure(blob, bc, chunks, neighbours=self._neighbours(blob, bc, chunks))
 
-    @staticmethod
-    def _ready_on_disk(bc: BlobCacheFile | _Uncached, cis: list[int]) -> None:
-        """Take the chunks among ``cis`` that another process stored meanwhile (the shared map on disk) as ready."""
+    def _ready_on_disk(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, cis: list[int]) -> None:
+        """Take the chunks among ``cis`` that another process sharing the entry stored meanwhile as ready: those
+        its map says are ready, and those whose map byte is not written yet (map bytes follow the data's fdatasync,
+        see _Committer) but whose bytes are all in the data file and match the digest this image expects (a
+        range with a hole in it is skipped without reading: a chunk never written)."""
         missing = [ci for ci in cis if not bc.is_ready(ci)]
         if not missing or not isinstance(bc, BlobCacheFile):
             return
         lo, hi = min(missing), max(missing) + 1
         disk = os.pread(bc.map_fd, hi - lo, MAP_HEADER.size + lo)
+        meta = self.meta(blob) if self.opts.verify and blob.nydus else None
         for ci in missing:
             if ci - lo < len(disk) and disk[ci - lo] == 1:
                 bc.ready[ci] = 1
+            elif meta is not None and self._stored_elsewhere(blob, bc, meta.chunk_ref(ci)):
+                bc.ready[ci] = 1
+
+    @staticmethod
+    def _stored_elsewhere(blob: BlobInfo, bc: BlobCacheFile, c: ChunkRef) -> bool:
+        info = c.info
+        if c.digest is None or info.uncompressed_size == 0:
+            return False
+        start, end = info.uncompressed_offset, info.uncompressed_offset + info.uncompressed_size
+        try:
+            if os.lseek(bc.data_fd, start, os.SEEK_HOLE) < end:
+                return False  # a hole inside: never written
+            data = os.pread(bc.data_fd, end - start, start)
+        except OSError:
+            return False
+        return len(data) == end - start and digest(blob.digester, data) == c.digest
 
     def wait_idle(self, timeout: float | None = None, quiet: float = 0.0) -> bool:
         """Block until no on-demand read is fetching, and none has for ``quiet`` seconds (background work goes
@@ -607,18 +627,25 @@ class ChunkCache(ChunkSource):
                 self._ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="rafsfs-readahead")
             pool = self._ahead_pool
         meta = self.meta(blob)
-        self._ready_on_disk(bc, list(range(start, end)))  # a process sharing the entry may have stored them
+        self._ready_on_disk(blob, bc, list(range(start, end)))  # a process sharing the entry may have stored them
         refs = [meta.chunk_ref(ci) for ci in range(start, end) if not bc.is_ready(ci)]
-        if refs:
-            pool.submit(self._background_ensure, blob, bc, refs)
+        if refs and bc.claim(start, end):  # else a process sharing the entry is fetching them ahead already
+            pool.submit(self._background_ensure, blob, bc, refs, (start, end))
 
-    def _background_ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, refs: list[ChunkRef]) -> None:
+    def _background_ensure(self, blob: BlobInfo, bc: BlobCacheFile | _Uncached, refs: list[ChunkRef],
+                           claimed: tuple[int, int] | None = None) -> None:
         try:
             self._ensure(blob, bc, refs, background=True, merge_limit=self.opts.readahead_request)
         except RafsError as e:  # the on-demand read that needs these chunks will report it
             log.debug("readahead of blob %s: %s", blob.ref.name, e)
         except Exception:  # nobody reads this future: a bug here must still be seen
             log.exception("readahead of blob %s", blob.ref.name)
+        finally:
+            if claimed is not None and isinstance(bc, BlobCacheFile):
+                try:
+                    bc.release(*claimed)
+                except OSError:
+                    pass  # the entry was closed meanwhile: its locks went with it
 
     def _settle(self, bc: BlobCacheFile | _Uncached, c: ChunkRef, exc: BaseException | None,
                 data: bytes | None = None) -> None:
