@@ -22,10 +22,24 @@ log = logging.getLogger(__name__)
 
 
 def mount_request(bootstrap: str, mountpoint: str, blob_dir: str | None, devices: list[str],
-                  config: str | None) -> dict:
+                  config: str | None, prefetch_files: list[str] | None = None) -> dict:
+    """``prefetch_files``: absolute paths in the image (``--prefetch-files``, already parsed), fetched in the
+    background once the kernel opens the blobs; a path the image does not have fails the mount in one line."""
+    for p in prefetch_files or ():
+        if not p.startswith("/"):
+            raise FscacheError(f"--prefetch-files: {p!r} is not an absolute path in the image")
     return {"bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.realpath(mountpoint),
             "blob_dir": os.path.abspath(blob_dir) if blob_dir else None,
-            "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None}
+            "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None,
+            "prefetch_files": list(prefetch_files or [])}
+
+
+def refuse_unsupported(apisock: str | None) -> None:
+    """What fscache mode does not offer, refused in one line instead of dropped silently: a per-mount nydusd API
+    socket (the kernel serves the mount; ``rafsfs stats MNT`` asks the daemon)."""
+    if apisock:
+        raise FscacheError("--apisock is not available in fscache mode (the kernel serves the mount, the shared "
+                           "daemon has no per-mount API): use 'rafsfs stats MOUNTPOINT', or --mode fuse")
 
 
 def preflight(req: dict) -> None:

@@ -192,7 +192,7 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
     """What the daemon writes into a blob's cache file (chunks from ``blob_chunks`` at their uncompressed offsets)
     is byte for byte the uncompressed layout: for a --compressor none image that is the blob file itself, which the
     kernel's file-backed EROFS reads with blkaddr * 4096."""
-    from fscache_backend.daemon import _uncovered
+    from fscache_backend.objects import _uncovered
     from fscache_backend.sources import open_source
 
     src = tmp_path / "src"
@@ -201,7 +201,7 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
     blobs = tmp_path / "blobs"
     ids = {c: _build(src, tmp_path / f"{c}.boot", blobs, c, "64K") for c in ("zstd", "none")}
     plain = (blobs / ids["none"]).read_bytes()
-    source, _ = open_source(str(blobs), [], None)
+    source = open_source(str(blobs), [], None).source
     with RafsImage.open(str(tmp_path / "zstd.boot")) as img:
         blob = img.blobs[0]
         layout = bytearray(len(plain))
@@ -225,7 +225,7 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
 def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
     """Chunks that follow each other page by page are written as one run: bytes in place, zeros in the padding."""
     from fscache_backend import protocol
-    from fscache_backend.daemon import _runs
+    from fscache_backend.objects import _runs
 
     from rafsfs.format.blob_meta import ChunkInfo
     from rafsfs.image import ChunkRef
@@ -277,16 +277,16 @@ def test_cache_dir_filesystem_is_checked_before_any_daemon_starts(tmp_path):
 def test_fsids_differ_within_the_kernels_sysfs_name():
     """The kernel names an fscache-mode mount in sysfs "<domain>,<fsid>" cut to 36 characters and refuses a second
     mount whose name is the same: twelve mounts of one bootstrap get twelve names that differ within that length."""
-    from fscache_backend.daemon import SYSFS_NAME_MAX, Daemon
+    from fscache_backend.mounts import SYSFS_NAME_MAX, MountTable
     from fscache_backend.settings import Settings
 
     for domain in ("rafsfs", "a-longer-domain-name", ""):
-        d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id=domain), False)
+        d = MountTable(Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id=domain), None, set)
         prefix = f"{domain}," if domain else ""
         base = "0123456789abcdef" * 3
         names, fsids = set(), []
         for _ in range(12):
-            fsid = d._unique_fsid(base, fsids)
+            fsid = d.unique_fsid(base, fsids)
             name = (prefix + fsid)[:SYSFS_NAME_MAX]
             assert name not in names, (domain, fsid, fsids)
             names.add(name)
@@ -295,16 +295,16 @@ def test_fsids_differ_within_the_kernels_sysfs_name():
 
 
 def test_a_domain_too_long_for_the_kernels_mount_names_is_one_line(monkeypatch):
-    from fscache_backend.daemon import Daemon
     from fscache_backend.errors import FscacheError
+    from fscache_backend.mounts import MountTable
     from fscache_backend.settings import Settings
 
     monkeypatch.setenv("RAFSFS_FSCACHE_DOMAIN", "d" * 34)
     with pytest.raises(FscacheError, match="RAFSFS_FSCACHE_DOMAIN"):
         Settings.from_env()
-    d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), False)
+    d = MountTable(Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), None, set)
     with pytest.raises(FscacheError, match="too long"):  # never a loop that stops the daemon
-        d._unique_fsid("0" * 40, ["0" * 40])
+        d.unique_fsid("0" * 40, ["0" * 40])
 
 
 def test_device_errors_keep_their_errno():
