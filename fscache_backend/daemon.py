@@ -74,6 +74,13 @@ class Daemon:
             nursery.start_soon(self._stats_writer)
             await self._shutdown.wait()
             await self.table.unmount_all()
+            if self.objects.busy():
+                # fetch threads cannot be cancelled and a dead backend holds them for its whole deadline: the
+                # process ends now, the kernel closes the objects' fds (their READs fail, as they would anyway)
+                log.info("exiting with %d fetch(es) still waiting for their backend", self.objects.busy())
+                self._write_stats()
+                logging.shutdown()
+                os._exit(0)
             nursery.cancel_scope.cancel()
         self._write_stats()
         self.objects.release_all()

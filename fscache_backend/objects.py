@@ -158,6 +158,10 @@ class CacheObjects:
             self.draining.discard(obj)
             self.table.prune_retired()
 
+    def busy(self) -> int:
+        """READs, fills and background fetches still running."""
+        return sum(o.users for o in (*self.objects.values(), *self.draining))
+
     def release_all(self) -> None:
         for o in (*self.objects.values(), *self.draining):
             o.release()
@@ -169,6 +173,7 @@ class CacheObjects:
             log.error("READ %d for unknown object %d: cannot complete it", msg.msg_id, msg.object_id)
             return
         obj.users += 1
+        self.stats["reads_started"] = self.stats.get("reads_started", 0) + 1
         assert self.nursery is not None
         self.nursery.start_soon(self._read, obj, msg)
 

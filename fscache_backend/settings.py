@@ -29,9 +29,16 @@ class Settings:
             # the kernel names each mount "<domain>,<fsid>" in 36 characters: a long domain leaves no room for fsids
             raise FscacheError(f"RAFSFS_FSCACHE_DOMAIN {domain!r}: use up to {MAX_DOMAIN} letters, digits, '-', "
                                "'_' or '.'")
+        timeout = os.environ.get("RAFSFS_FSCACHE_READ_TIMEOUT", "120")
+        try:
+            read_timeout = float(timeout)
+        except ValueError:
+            read_timeout = 0.0
+        if not 0 < read_timeout <= 86400:
+            raise FscacheError(f"RAFSFS_FSCACHE_READ_TIMEOUT {timeout!r}: expected seconds, more than 0")
         return cls(cache_dir=os.path.abspath(os.environ.get("RAFSFS_FSCACHE_DIR", "/var/cache/rafsfs/fscache")),
                    run_dir=os.path.abspath(os.environ.get("RAFSFS_FSCACHE_RUN", "/run/rafsfs/fscache")),
-                   domain_id=domain)
+                   domain_id=domain, read_timeout=read_timeout)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_rafsfs_proc
+from containerd_env import ThrottleProxy
 from registry_env import start_registry
 from treeutil import make_small_tree, make_tricky_tree, snapshot_tree
 
@@ -95,12 +96,19 @@ def vm_results(tmp_path_factory, shared_dir):
     big.mkdir()
     data = random.Random(9).randbytes(12 << 20)
     (big / "big.bin").write_bytes(data)
-    _build(big, work / "big.boot", blobs, "zstd")
+    big_blob = _build(big, work / "big.boot", blobs, "zstd")
 
     with start_registry(work / "registry") as reg:
-        for blob_id in registry_blobs:
+        for blob_id in registry_blobs + [big_blob]:
             reg.push_blob("rafsfs/fscache", blobs / blob_id)
         port = reg.port
+        # the big image reads through a relay whose pace the guest sets: slow enough to kill the daemon mid-read
+        proxy = ThrottleProxy(port, work / "throttle")
+        big_cfg = work / "big.json"
+        big_cfg.write_text(json.dumps({"device": {
+            "backend": {"type": "registry", "config": {"host": f"10.0.2.100:{proxy.port}", "repo": "rafsfs/fscache",
+                                                        "scheme": "http", "timeout": 60}},
+            "cache": {"type": "none"}}}))
         reg_cfg = work / "registry.json"
         reg_cfg.write_text(json.dumps({"device": {
             "backend": {"type": "registry", "config": {"host": f"10.0.2.100:{port}", "repo": "rafsfs/fscache",
@@ -114,15 +122,20 @@ def vm_results(tmp_path_factory, shared_dir):
                           "shared_b": snapshot("shared_b", shared_b)},
             "shared": {"a": str(work / "shared-a.boot"), "b": str(work / "shared-b.boot"), "blob_id": ida,
                        "chunks": shared_chunks},
-            "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest()},
+            "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest(),
+                    "config": str(big_cfg), "throttle": str(work / "throttle")},
         }
         (work / "params.json").write_text(json.dumps(params))
         junit = work / "junit.xml"
         env = dict(os.environ, FSCACHE_TEST_PARAMS=str(work / "params.json"), PYTHONDONTWRITEBYTECODE="1")
-        cmd = [str(run_in_vm), "--timeout", str(VM_TIMEOUT), "--rw", str(work), "--fwd", str(port), "--",
+        cmd = [str(run_in_vm), "--timeout", str(VM_TIMEOUT), "--rw", str(work), "--fwd", str(port),
+               "--fwd", str(proxy.port), "--",
                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
                f"--junitxml={junit}", str(GUEST_FILE)]
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=VM_TIMEOUT + 120)
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=VM_TIMEOUT + 120)
+        finally:
+            proxy.close()
     output = f"--- VM exit status {p.returncode} ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-4000:]}"
     print(output)  # the guest's summary and durations (shown with -s or -rA)
     if not junit.exists():

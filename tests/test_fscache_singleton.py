@@ -105,13 +105,15 @@ def vm_results(tmp_path_factory, shared_dir):
             "small_snapshot": str(work / "small.pickle"), "small_blob": blob_id, "small_chunks": chunks,
             "image": f"10.0.2.100:{proxy.port}/vmtest/busybox:nydus", "throttle": str(work / "throttle"),
             "busybox_sha256": hashlib.sha256(Path("/bin/busybox").read_bytes()).hexdigest(),
-            "big_sha256": hashlib.sha256(big).hexdigest(), "big_blob": big_blob,
+            "big_sha256": hashlib.sha256(big).hexdigest(), "big_blob": big_blob, "notes": str(work / "notes.jsonl"),
         }
         results, output, seconds = run_guest_pytest(run_in_vm, GUEST_FILE, work, params, [proxy.port], VM_TIMEOUT)
     finally:
         if proxy is not None:
             proxy.close()
         reg.close()
+    notes = (work / "notes.jsonl").read_text() if (work / "notes.jsonl").exists() else ""
+    output += f"\n--- measured in the guest ---\n{notes}"
     print(output)
     if not results:
         pytest.fail(f"the VM produced no test report\n{output}", pytrace=False)
