@@ -112,6 +112,11 @@ class Front:
             raise _error("DELETE /api/v2/blobs needs domain_id or blob_id", 400)
         return None
 
+    @staticmethod
+    def on_request(method: str, path: str) -> None:
+        """Every request in the log, as nydusd logs them (metrics polls only at debug level)."""
+        log.log(logging.DEBUG if "/metrics" in path else logging.INFO, "API %s %s", method, path)
+
     def metrics(self) -> dict | None:
         try:
             return self._request({"op": "stats"}, timeout=10).get("cache")
@@ -152,7 +157,7 @@ def run(args, daemon_id: str) -> int:
     front = Front(settings)
     hooks = DaemonHooks(bind_blob=front.put_blobs, unbind_blob=front.delete_blobs, metrics=front.metrics,
                         backend_type="fscache", work_dir=settings.cache_dir, mounts=front.entries,
-                        on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM))
+                        on_exit=lambda: os.kill(os.getpid(), signal.SIGTERM), on_request=front.on_request)
     api = ApiServer(args.apisock, daemon_id, hooks, hold_init=HOLD_INIT).start()
     try:
         from .supervisor import run as supervise

@@ -342,6 +342,10 @@ class Node:
         assert p.returncode == 0, f"rpull: {p.stdout[-1000:]}\n{p.stderr[-2000:]}\n{self.logs()}"
 
 
+def _daemon_log_all() -> str:
+    return "".join(Path(p).read_text(errors="replace") for p in glob.glob(f"{ROOT}/logs/*/*.log"))
+
+
 @pytest.fixture(scope="module")
 def node():
     shutil.rmtree(NYDUS, ignore_errors=True)
@@ -393,7 +397,9 @@ def test_container_prints_42_and_busybox_digest(node):
 
 
 def test_second_container_of_the_image(node):
+    t0 = time.monotonic()
     out = node.run("c2", "echo 42; sha256sum /bin/busybox")
+    note("second container: ctr run to exit (s)", round(time.monotonic() - t0, 1))
     assert out.split("\n")[0] == "42" and out.split("\n")[1].split()[0] == PARAMS["busybox_sha256"], out
     st = node.worker("stats")["stats"]
     assert st["binds"] == 1 and st["read_failures"] == 0, st  # no second PUT: the mount serves every container
@@ -403,12 +409,19 @@ def test_snapshotter_restart_readopts_the_daemon(node):
     """The snapshotter stopped with the image mounted leaves the daemon running; a new snapshotter re-adopts it
     (no new PUT, same processes) and the next container works."""
     before = node.api().daemon_info()["pid"], node.worker()["pid"]
+    calls = _daemon_log_all().count
+    gets, puts = calls("API GET /api/v1/daemon"), calls("API PUT /api/v2/blobs")
     node.snap.stop()
     assert _alive(before[0]) and _alive(before[1])
+    t0 = time.monotonic()
     node.snap.start()
     node.wait_snapshotter()
+    note("snapshotter restart until containerd reaches it (s)", round(time.monotonic() - t0, 1))
     out = node.run("c3", "echo 43")
     assert out == "43\n", out
+    log = _daemon_log_all()
+    assert (log.count("API GET /api/v1/daemon") - gets, log.count("API PUT /api/v2/blobs") - puts) == (1, 0), \
+        node.logs()  # one GET to find it RUNNING, no PUT: re-adopted as it is
     assert (node.api().daemon_info()["pid"], node.worker()["pid"]) == before
     st = node.worker("stats")["stats"]
     assert st["binds"] == 1, st
@@ -457,7 +470,9 @@ def test_daemon_killed_the_snapshotter_restarts_it_and_replays(node):
     assert node.run("c5", "echo 42") == "42\n"
     old = node.api().daemon_info()["pid"]
     os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
     info = _wait("a new daemon", lambda: (i := _info_or_none(node)) and i["pid"] != old and i, 90, 0.2, node.logs)
+    note("daemon killed: new daemon answering after (s)", round(time.monotonic() - t0, 1))
     assert info["state"] == "RUNNING"
     _wait("the replayed PUT", lambda: node.worker("stats")["stats"]["binds"] == 1, 90, 0.2, node.logs)
     out = node.run("c6", "echo 42; sha256sum /bin/busybox")
