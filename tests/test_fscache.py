@@ -8,42 +8,25 @@ Nothing here is skipped: a host without qemu or the shared VM fails (CI installs
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import pickle
 import random
 import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_rafsfs_proc
-from containerd_env import ThrottleProxy
+from containerd_env import ThrottleProxy, guest_test_names, run_guest_pytest
 from registry_env import start_registry
 from treeutil import make_small_tree, make_tricky_tree, snapshot_tree
 
 from rafsfs.image import RafsImage
 
 GUEST_FILE = REPO / "tests" / "vm" / "guest_fscache.py"
-VM_TIMEOUT = 600  # the whole guest session; it normally takes a few minutes under TCG emulation
-
-
-def _guest_tests() -> list[str]:
-    """Names of the guest tests (parametrized ones expanded), read from the guest file without importing it."""
-    names = []
-    tree = ast.parse(GUEST_FILE.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-            params = None
-            for d in node.decorator_list:
-                if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "parametrize":
-                    params = [ast.literal_eval(e) for e in d.args[1].elts]
-            names += [f"{node.name}[{p}]" for p in params] if params else [node.name]
-    return names
+VM_TIMEOUT = 900  # the whole guest session; it normally takes a few minutes under TCG emulation
 
 
 def _build(src: Path, boot: Path, blobs: Path, comp: str, chunk: str = "1M") -> str:
@@ -125,34 +108,18 @@ def vm_results(tmp_path_factory, shared_dir):
             "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest(),
                     "config": str(big_cfg), "throttle": str(work / "throttle")},
         }
-        (work / "params.json").write_text(json.dumps(params))
-        junit = work / "junit.xml"
-        env = dict(os.environ, FSCACHE_TEST_PARAMS=str(work / "params.json"), PYTHONDONTWRITEBYTECODE="1")
-        cmd = [str(run_in_vm), "--timeout", str(VM_TIMEOUT), "--rw", str(work), "--fwd", str(port),
-               "--fwd", str(proxy.port), "--",
-               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
-               f"--junitxml={junit}", str(GUEST_FILE)]
         try:
-            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=VM_TIMEOUT + 120)
+            results, output, _ = run_guest_pytest(run_in_vm, GUEST_FILE, work, params, [port, proxy.port],
+                                                  VM_TIMEOUT)
         finally:
             proxy.close()
-    output = f"--- VM exit status {p.returncode} ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-4000:]}"
     print(output)  # the guest's summary and durations (shown with -s or -rA)
-    if not junit.exists():
+    if not results:
         pytest.fail(f"the VM produced no test report\n{output}", pytrace=False)
-    results: dict[str, tuple[str, str]] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        status, text = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                status, text = child.tag, (child.get("message") or "") + "\n" + (child.text or "")
-            elif child.tag == "skipped":
-                status, text = "skipped", child.get("message") or ""
-        results[case.get("name")] = (status, text)
     return results, output
 
 
-@pytest.mark.parametrize("name", _guest_tests())
+@pytest.mark.parametrize("name", guest_test_names(GUEST_FILE))
 def test_in_vm(vm_results, name):
     results, output = vm_results
     if name not in results:

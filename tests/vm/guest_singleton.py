@@ -10,7 +10,6 @@ no daemon behind but the snapshotter's.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import pickle
