@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     listener = socket.socket(fileno=args.listen_fd)
     settings = Settings.from_json(args.settings) if args.settings else Settings.from_env()
+    if settings.singleton:
+        # its images come from registries, and the first PUT waits for this import (seconds on a slow machine):
+        # taken now, while the daemon has nothing to do yet
+        import rafsfs.storage.backend.registry  # noqa: F401
     d = Daemon(args.devfd, listener, settings, args.restore)
     t0 = time.monotonic()
     trio.run(d.run)

@@ -419,7 +419,9 @@ def run_guest_pytest(run_in_vm: Path, guest_file: Path, work: Path, params: dict
                      timeout: float) -> tuple[dict[str, tuple[str, str]], str, float]:
     """Boot the test VM once and run pytest on ``guest_file`` inside it with ``params`` (JSON in
     ``$FSCACHE_TEST_PARAMS``); ``work`` is shared writable.  Returns ({test name: (status, text)}, the output, the
-    VM's wall time in seconds).  A test the VM did not report is missing from the dict."""
+    VM's wall time in seconds).  A test the VM did not report is missing from the dict.  ``$RAFSFS_GUEST_PYTEST_ARGS``
+    adds arguments to the guest's pytest (``-k NAME`` while working on one test)."""
+    import shlex
     import xml.etree.ElementTree as ET
 
     (work / "params.json").write_text(json.dumps(params))
@@ -429,7 +431,7 @@ def run_guest_pytest(run_in_vm: Path, guest_file: Path, work: Path, params: dict
     cmd = [str(run_in_vm), "--timeout", str(int(timeout)), "--rw", str(work),
            *[a for port in fwd for a in ("--fwd", str(port))], "--",
            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
-           f"--junitxml={junit}", str(guest_file)]
+           f"--junitxml={junit}", *shlex.split(os.environ.get("RAFSFS_GUEST_PYTEST_ARGS", "")), str(guest_file)]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout + 120)
     seconds = time.monotonic() - t0
