@@ -168,3 +168,96 @@ def test_singleton_bad_arguments_are_one_line(tmp_path, args, words):
                        env=env, timeout=60)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_put_bodies_the_daemon_cannot_use_are_refused_in_one_line(tmp_path):
+    """PUT /api/v2/blobs bodies are checked before anything reaches the daemon: nydusd's error shape (code
+    UNDEFINED), a 4xx for a malformed body, the reason in one line."""
+    from fscache_backend.singleton import Front, settings_for
+
+    from rafsfs.api.model import ApiError
+
+    front = Front(settings_for(str(tmp_path / "cache"), str(tmp_path / "api.sock"), None, None))
+    boot = tmp_path / "image.boot"
+    boot.write_bytes(b"\0" * 8192)
+    cases = [
+        ([1, 2], 400, "JSON object"),
+        ({"type": "datablob", "id": "x", "config": {}}, 400, "only 'bootstrap'"),
+        ({"type": "bootstrap", "id": "x"}, 400, "'config' must be an object"),
+        ({"type": "bootstrap", "config": {"metadata_path": str(boot)}}, 400, "'id' is missing"),
+        ({"type": "bootstrap", "id": "x", "config": {}}, 400, "metadata_path"),
+        ({"type": "bootstrap", "id": "x", "config": {"metadata_path": str(tmp_path / "nope")}}, 500, "no such file"),
+        ({"type": "bootstrap", "id": "../x", "config": {"metadata_path": str(boot)}}, 400, "letters, digits"),
+    ]
+    for body, status, words in cases:
+        with pytest.raises(ApiError) as e:
+            front.put_blobs({}, body)
+        assert e.value.status == status and e.value.code == "UNDEFINED" and words in str(e.value), (body, e.value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ApiError) as e:
+        front.delete_blobs({}, None)
+    assert e.value.status == 400 and "domain_id or blob_id" in str(e.value)
+
+
+def test_images_share_a_blob_in_a_domain_only_when_chunk_table_and_backend_agree(tmp_path):
+    """The kernel keeps one cache object per (domain, blob id), filled through whichever image names the blob: a
+    second image may join only with the same chunk table and the same backend (else its bytes would be served as
+    the first one's, or the reverse)."""
+    from fscache_backend.errors import FscacheError
+    from fscache_backend.mounts import MountTable
+    from fscache_backend.served import close_served, open_served
+    from fscache_backend.settings import Settings
+    from fscache_backend.state import MountRecord
+
+    src = tmp_path / "src"
+    make_small_tree(src)
+    blobs = tmp_path / "blobs"
+    blob_id = _build(src, tmp_path / "a.boot", blobs)
+    shutil.copytree(blobs, tmp_path / "blobs2")
+    table = MountTable(Settings(cache_dir=str(tmp_path), run_dir=str(tmp_path / "run"), domain_id="d",
+                                singleton=True), None, set)
+
+    def served(fsid: str, blob_dir: Path, domain: str = "d"):
+        return open_served(MountRecord(fsid=fsid, domain_id=domain, bootstrap=str(tmp_path / "a.boot"),
+                                       mountpoint="", blob_dir=str(blob_dir), bound=True))
+
+    first = served("one", blobs)
+    table.mounts["one"] = first
+    try:
+        same = served("two", blobs)
+        table.check_sharing(same)  # same table, same backend: shared
+        close_served(same)
+        other = served("three", tmp_path / "blobs2")
+        with pytest.raises(FscacheError, match=f"blob {blob_id} is already served in domain d"):
+            table.check_sharing(other)
+        other.rec.domain_id = "elsewhere"  # its own domain: its own cache object
+        table.check_sharing(other)
+        close_served(other)
+    finally:
+        table.close_all()
+
+
+def test_fscache_mode_options_it_cannot_honour_are_one_line(tmp_path):
+    """L5: fscache mode refuses --apisock in one line, and --prefetch-files paths are checked before any daemon
+    starts (relative paths and paths the image lacks)."""
+    from fscache_backend import service
+    from fscache_backend.errors import FscacheError
+
+    from rafsfs.errors import RafsError
+
+    with pytest.raises(FscacheError, match="--apisock is not available in fscache mode"):
+        service.refuse_unsupported("/run/x.sock")
+    service.refuse_unsupported(None)
+    src = tmp_path / "src"
+    make_small_tree(src)
+    _build(src, tmp_path / "a.boot", tmp_path / "blobs")
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(FscacheError, match="not an absolute path"):
+        service.mount_request(str(tmp_path / "a.boot"), str(tmp_path / "mnt"), str(tmp_path / "blobs"), [], None,
+                              ["dir/more.bin"])
+    req = service.mount_request(str(tmp_path / "a.boot"), str(tmp_path / "mnt"), str(tmp_path / "blobs"), [], None,
+                                ["/no/such/file"])
+    with pytest.raises(RafsError, match="no/such/file|such"):
+        service.preflight(req)
+    service.preflight(service.mount_request(str(tmp_path / "a.boot"), str(tmp_path / "mnt"), str(tmp_path / "blobs"),
+                                            [], None, ["/"]))
