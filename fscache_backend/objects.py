@@ -374,6 +374,8 @@ class CacheObjects:
                 if len(obj.ready) - before < len(mine):
                     return  # logged by the fetch; READs still fetch what they need
                 self.stats["chunks_prefetched"] = self.stats.get("chunks_prefetched", 0) + len(mine)
+            log.info("prefetched blob %s: %d chunk(s)", blob.blob_id, len(refs))
+            self.stats["prefetches_done"] = self.stats.get("prefetches_done", 0) + 1
         except RafsError as e:
             log.warning("prefetch of blob %s stopped: %s", blob.blob_id, e)
         except Exception:

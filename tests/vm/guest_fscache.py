@@ -434,3 +434,28 @@ def test_read_timeout_really_ends_a_read():
         assert results and results[0][0] == errno.EIO and results[0][1] < 30, results
         assert "timed out after 3 s" in s.log.read_text()
         assert s.stats()["read_failures"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------ --prefetch-files
+def test_prefetch_files_are_fetched_before_any_read():
+    """A mount request with prefetch files (what ``--prefetch-files`` gives): once the kernel opens the blob the
+    daemon writes those files' chunks into the cache file in the background; reading them sends no blob READ."""
+    from fscache_backend import service
+
+    a = PARAMS["shared"]["a"]
+    with session("prefetch") as s:
+        s.mount(PARAMS["images"]["zstd"], "first", "--blob-dir", PARAMS["blob_dir"])  # starts the daemon
+        mnt = MNT_ROOT / "prefetch-a"
+        mnt.mkdir(parents=True, exist_ok=True)
+        req = service.mount_request(a, str(mnt), PARAMS["blob_dir"], [], None, ["/"])
+        assert service.delegate(req, s.settings) is not None
+        s.mounts.append(mnt)
+        deadline = time.monotonic() + 60
+        while not s.stats().get("prefetches_done"):
+            assert time.monotonic() < deadline, (s.stats(), s.log_tail())
+            time.sleep(0.2)
+        reads = s.stats()["reads_blob"]
+        assert s.stats()["chunks_prefetched"] > 0
+        _assert_tree("shared_a", mnt)
+        st = s.stats()
+        assert st["reads_blob"] == reads and st["read_failures"] == 0, st

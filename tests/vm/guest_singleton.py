@@ -226,8 +226,9 @@ def test_prefetch_config_fills_the_blob_before_any_read():
         d.put(fsid, PARAMS["small"], PARAMS["blob_dir"],
               prefetch={"enable": True, "prefetch_all": True, "threads_count": 2})
         _mount(fsid, mnt)
-        st = _wait("the prefetch", lambda: (s := d.worker("stats")["stats"]).get("chunks_prefetched", 0)
-                   >= PARAMS["small_chunks"] and s, 60, 0.2, lambda: _tail(d.log))
+        st = _wait("the prefetch", lambda: (s := d.worker("stats")["stats"]).get("prefetches_done") and s, 60, 0.2,
+                   lambda: _tail(d.log))
+        assert st["chunks_prefetched"] == PARAMS["small_chunks"], st  # prefetch_all: every chunk of the blob
         reads = st["reads_blob"]
         _assert_small(mnt)
         st = d.worker("stats")["stats"]
