@@ -85,8 +85,13 @@ def _one_way(way: str, params: dict, n: int) -> dict:
             _wait(lambda: sock.exists() or snap.poll() is not None, 60, "the snapshotter")
             proxy = ["--proxy", f"nydus={sock}"]
         subprocess.run([str(VMDIR / "guest-containerd.sh"), "start", *proxy], check=True, env=env)
-        if way == "fscache":  # the singleton is up (the snapshotter starts it at once): not part of the pull
-            _wait(lambda: list((nydus / "root" / "socket").glob("*/api.sock")), 60, "the singleton")
+        if way == "fscache":  # the node's daemon, started with the snapshotter, is up: not part of the pull
+            from fscache_backend import control
+
+            _wait(lambda: list((nydus / "root" / "socket").glob("*/rafsfs-fscache/control.sock")), 120,
+                  "the singleton")
+            sock = next((nydus / "root" / "socket").glob("*/rafsfs-fscache/control.sock"))
+            _wait(lambda: control.daemon_running(str(sock)), 120, "the singleton's daemon")
         drop_caches()
         if way == "overlayfs":
             pull = _timed(["ctr", "images", "pull", "--plain-http", ref])
