@@ -163,6 +163,7 @@ def run(args, daemon_id: str) -> int:
         from .supervisor import run as supervise
 
         log.info("singleton %s: fscache directory %s, API %s", daemon_id, settings.cache_dir, args.apisock)
+
         def online() -> None:
             front.online.set()
             api.running()
