@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
+from fault_readers import peak_rss, reset_peak_rss, sixteen_readers
 from registry_env import start_registry
 from test_fuse import FuseMount
 
@@ -336,57 +337,6 @@ def test_oci_download_retries_a_cut_off_body(registry, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a FUSE mount
-def _vm_hwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
-def _read(path: Path, offset: int, size: int) -> bytes | int:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        return e.errno
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: the read asks for its range only
-        data = b""
-        while len(data) < size:
-            piece = os.pread(fd, size - len(data), offset + len(data))
-            if not piece:
-                break
-            data += piece
-        return data
-    except OSError as e:
-        return e.errno
-    finally:
-        os.close(fd)
-
-
-def _sixteen_readers(path: Path, chunks: list[int], limit: float) -> list[tuple[int, bytes | int, float]]:
-    """16 threads at once, reader j reads 64 KiB of chunk ``chunks[j % len(chunks)]`` at its own page:
-    [(offset, bytes or errno, seconds)]; a reader still blocked after ``limit`` fails the test."""
-    results: list = []
-    barrier = threading.Barrier(16)
-
-    def reader(j: int) -> None:
-        off = chunks[j % len(chunks)] * MiB + (j // len(chunks)) * (128 << 10)
-        barrier.wait()
-        t0 = time.monotonic()
-        got = _read(path, off, 64 << 10)
-        results.append((off, got, time.monotonic() - t0))
-
-    threads = [threading.Thread(target=reader, args=(j,), daemon=True) for j in range(16)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + limit
-    for t in threads:
-        t.join(max(end - time.monotonic(), 0.1))
-    assert len(results) == 16, f"{16 - len(results)} readers still blocked after {limit} s"
-    return results
-
-
 @needs_fuse
 @pytest.mark.allow_log("cannot read blob", "ignores Range", "failed")
 def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
@@ -420,11 +370,10 @@ def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
                 # so the cache's readahead never fetches a later phase's chunks early
                 chunks = [8 - i + 9 * k for k in range(4)]
                 if fault == "ignore_range":
-                    with open(f"/proc/{m.proc.pid}/clear_refs", "w") as cr:
-                        cr.write("5")  # reset the peak RSS
-                    hwm0 = _vm_hwm(m.proc.pid)
+                    reset_peak_rss(m.proc.pid)
+                    hwm0 = peak_rss(m.proc.pid)
                 px.set(fault, **params)
-                results = _sixteen_readers(f, chunks, limit)
+                results = sixteen_readers(f, chunks, limit)
                 px.clear()
                 for off, got, took in results:
                     if isinstance(got, int):
@@ -435,14 +384,14 @@ def test_fuse_mount_under_each_fault_sixteen_readers(image, registry, tmp_path):
                 if not must_succeed:
                     assert any(isinstance(g, int) for _, g, _ in results), f"{fault}: nothing failed"
                 if fault == "ignore_range":
-                    grew = _vm_hwm(m.proc.pid) - hwm0
+                    grew = peak_rss(m.proc.pid) - hwm0
                     assert grew < BIG * MiB // 2, f"peak RSS grew {grew / MiB:.0f} MiB (blob {BIG} MiB)"
                     assert any(r["fault"] == "ignore_range" for r in px.blob_gets(digest))
                 assert m.proc.poll() is None, f"the daemon died under {fault}"
             # the registry is well again: every chunk a failed phase left behind is served right
             time.sleep(FAILURE_MEMORY)
             stalled = [fault for fault, _, _ in phases].index("stall")
-            for off, got, _ in _sixteen_readers(f, [8 - stalled + 9 * k for k in range(4)], limit):
+            for off, got, _ in sixteen_readers(f, [8 - stalled + 9 * k for k in range(4)], limit):
                 assert got == big[off:off + (64 << 10)]
         finally:
             px.clear()

@@ -1,7 +1,7 @@
 """fscache mode, tested under a real kernel with EROFS over on-demand cachefiles: the shared test VM (a 6.12 kernel
 under qemu, ``../shared/vm/run-in-vm.sh``) is booted ONCE for this module and runs tests/vm/guest_fscache.py inside.
 
-The host side builds the images (zstd, lz4, uncompressed; two images sharing one blob; one big file), snapshots the
+The host side builds the images (zstd, lz4, uncompressed; two images sharing one blob; two big files), snapshots the
 source trees, starts a real ``docker-registry`` on 127.0.0.1 holding the zstd blob (forwarded into the VM with
 ``--fwd``), boots the VM and reports every guest test as one test here, with the guest's failure text.
 Nothing here is skipped: a host without qemu or the shared VM fails (CI installs qemu-system-x86 and socat).
@@ -81,8 +81,14 @@ def vm_results(tmp_path_factory, shared_dir):
     (big / "big.bin").write_bytes(data)
     big_blob = _build(big, work / "big.boot", blobs, "zstd")
 
+    # read through a fault proxy the guest starts: 36 one-MiB chunks of random bytes (a ~36 MiB blob)
+    faults = work / "faults"
+    faults.mkdir()
+    (faults / "data.bin").write_bytes(random.Random(12).randbytes(36 << 20))
+    faults_blob = _build(faults, work / "faults.boot", blobs, "zstd")
+
     with start_registry(work / "registry") as reg:
-        for blob_id in registry_blobs + [big_blob]:
+        for blob_id in registry_blobs + [big_blob, faults_blob]:
             reg.push_blob("rafsfs/fscache", blobs / blob_id)
         port = reg.port
         # the big image reads through a relay whose pace the guest sets: slow enough to kill the daemon mid-read
@@ -107,6 +113,8 @@ def vm_results(tmp_path_factory, shared_dir):
                        "chunks": shared_chunks},
             "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest(),
                     "config": str(big_cfg), "throttle": str(work / "throttle")},
+            "faults": {"image": str(work / "faults.boot"), "path": "data.bin", "source": str(faults / "data.bin"),
+                       "blob_id": faults_blob, "registry": ["10.0.2.100", port], "repo": "rafsfs/fscache"},
         }
         try:
             results, output, _ = run_guest_pytest(run_in_vm, GUEST_FILE, work, params, [port, proxy.port],

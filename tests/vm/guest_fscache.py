@@ -23,9 +23,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, rafsfs_cmd
+from fault_proxy import FaultProxy
+from fault_readers import peak_rss, read_range, reset_peak_rss, sixteen_readers
 from treeutil import diff_snapshots, format_diffs, snapshot_tree
 
 from fscache_backend import control
+from fscache_backend.objects import FAILURE_MEMORY
 from rafsfs import sysmount
 from fscache_backend.settings import Settings
 
@@ -434,6 +437,71 @@ def test_read_timeout_really_ends_a_read():
         assert results and results[0][0] == errno.EIO and results[0][1] < 30, results
         assert "timed out after 3 s" in s.log.read_text()
         assert s.stats()["read_failures"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------ a hostile registry
+def test_fault_matrix_sixteen_readers():
+    """fscache mode under a misbehaving registry: a fault proxy (tests/fault_proxy.py) started here, in front of
+    the host's registry, is the image's registry (timeout 3 s, deadline 6 s).  Per fault, 16 concurrent readers of
+    four chunks nobody read before: each gets the source's bytes or EIO within two deadlines (+ slack for the
+    emulation), the daemon serving them is the same process before and after (no crash, no restart by the
+    supervisor), a registry ignoring Range does not grow its peak RSS by half the ~36 MiB blob, and once the fault
+    is cleared every read that failed returns the right bytes."""
+    f = PARAMS["faults"]
+    source = Path(f["source"]).read_bytes()
+    deadline = 6.0
+    limit = 2 * deadline + 30  # emulation: a loaded TCG guest is 5-20x slower than the host
+    phases = [  # (fault, params); the phases' chunks go down the file, 9 apart: the daemon's read-ahead (forward
+        # from a READ) never fetches a later phase's chunks early
+        ("truncate", {"after": 4096}),
+        ("reset", {"after": 100_000}),
+        ("wrong_range", {}),
+        ("stall", {"seconds": 20}),
+        ("ignore_range", {}),  # last, on the lowest chunks: the least to skip through the emulated network
+    ]
+    host, port = f["registry"]
+    outcome: dict[str, str] = {}
+    with FaultProxy(port, upstream_host=host) as px, session("faults") as s:
+        cfg = Path("/tmp/fscache-faults.json")
+        cfg.write_text(json.dumps({"device": {
+            "backend": {"type": "registry", "config": {"host": px.host, "repo": f["repo"], "scheme": "http",
+                                                        "timeout": 3, "connect_timeout": 2, "retry_limit": 1,
+                                                        "deadline": deadline}},
+            "cache": {"type": "none"}}}))
+        mnt = s.mount(f["image"], "faults", "--config", cfg)
+        path = mnt / f["path"]
+        pid = s.request("status")["pid"]
+        failed: set[int] = set()
+        for i, (fault, params) in enumerate(phases):
+            chunks = [0, 1, 2, 3] if fault == "ignore_range" else [8 - i + 9 * k for k in range(4)]
+            if fault == "ignore_range":
+                reset_peak_rss(pid)
+                rss0 = peak_rss(pid)
+            px.set(fault, **params)
+            results = sixteen_readers(path, chunks, limit)
+            px.clear()
+            for off, got, took in results:
+                if isinstance(got, int):
+                    assert got == errno.EIO, (fault, off, errno.errorcode.get(got), s.log_tail())
+                    failed.add(off)
+                else:
+                    assert len(got) == 64 << 10 and got == source[off:off + len(got)], (fault, off)
+                assert took < limit, (fault, off, took)
+            assert any(r["fault"] == fault for r in px.blob_gets(f["blob_id"])), f"{fault} was never applied"
+            n_eio = sum(isinstance(g, int) for _, g, _ in results)
+            outcome[fault] = f"{16 - n_eio} right, {n_eio} EIO, slowest {max(t for _, _, t in results):.1f} s"
+            if fault == "ignore_range":
+                grew = peak_rss(pid) - rss0
+                outcome[fault] += f", peak RSS +{grew / (1 << 20):.1f} MiB"
+                assert grew < len(source) // 2, f"peak RSS grew {grew / (1 << 20):.0f} MiB under ignore_range"
+            status = s.request("status")
+            assert status["pid"] == pid, f"the daemon was replaced under {fault}:\n{s.log_tail()}"
+            time.sleep(FAILURE_MEMORY + 0.5)  # the blob's failure is no longer answered from memory
+        print("fault matrix:", outcome)  # shown in the VM's output (-rA) for the report
+        for off in sorted(failed):  # the registry is well again: every read that failed is served right
+            got = read_range(path, off, 64 << 10)
+            assert got == source[off:off + (64 << 10)], (off, got if isinstance(got, int) else len(got))
+        assert s.request("status")["pid"] == pid
 
 
 # ------------------------------------------------------------------------------------------------ --prefetch-files
