@@ -23,13 +23,13 @@ def open_device() -> int:
         raise device_error(e, f"cannot open {protocol.DEVICE}") from None
 
 
-def bind(devfd: int, cache_dir: str, tag: str) -> None:
-    """``dir``, ``tag``, ``bind ondemand``: the cache is online in on-demand mode afterwards."""
+def bind(devfd: int, cache_dir: str, tag: str | None) -> None:
+    """``dir``, ``tag`` (unless None), ``bind ondemand``: the cache is online in on-demand mode afterwards."""
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
         raise FscacheError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
-    for cmd in (f"dir {cache_dir}", f"tag {tag}", "bind ondemand"):
+    for cmd in (f"dir {cache_dir}", *([f"tag {tag}"] if tag else []), "bind ondemand"):
         try:
             protocol.command(devfd, cmd)
         except OSError as e:

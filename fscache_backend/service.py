@@ -20,12 +20,23 @@ from .supervisor import run as run_supervisor
 
 log = logging.getLogger(__name__)
 
+# the mount options fscache mode honours (``rafsfs.commands.mount`` refuses the others in one line, whatever the
+# kernel, and hands these to :func:`mount_request`).  Not --apisock: the kernel serves the mount and the shared daemon
+# has no per-mount nydusd API ('rafsfs stats MOUNTPOINT' asks the daemon).
+MOUNT_OPTIONS = frozenset({"--prefetch-files"})
+
 
 def mount_request(bootstrap: str, mountpoint: str, blob_dir: str | None, devices: list[str],
-                  config: str | None) -> dict:
+                  config: str | None, prefetch_files: list[str] | None = None) -> dict:
+    """``prefetch_files``: absolute paths in the image (``--prefetch-files``, already parsed), fetched in the
+    background once the kernel opens the blobs; a path the image does not have fails the mount in one line."""
+    for p in prefetch_files or ():
+        if not p.startswith("/"):
+            raise FscacheError(f"--prefetch-files: {p!r} is not an absolute path in the image")
     return {"bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.realpath(mountpoint),
             "blob_dir": os.path.abspath(blob_dir) if blob_dir else None,
-            "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None}
+            "devices": [os.path.abspath(d) for d in devices], "config": os.path.abspath(config) if config else None,
+            "prefetch_files": list(prefetch_files or [])}
 
 
 def preflight(req: dict) -> None:

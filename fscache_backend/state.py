@@ -21,6 +21,8 @@ class MountRecord:
     blob_dir: str | None = None
     devices: list[str] = field(default_factory=list)
     config: str | None = None  # nydusd / fscache-shaped JSON config file
+    bound: bool = False  # bound over the API (PUT /api/v2/blobs): mounted by someone else, kept until unbound
+    prefetch_files: list[str] = field(default_factory=list)  # paths in the image fetched in the background
 
     @property
     def volume_key(self) -> str:

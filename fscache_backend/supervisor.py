@@ -38,10 +38,15 @@ def _listen(path: str) -> socket.socket:
     return s
 
 
-def run(settings: Settings, first_mount: dict, verbose: bool = False,
-        on_mounted: Callable[[int], None] | None = None) -> dict:
-    """Bring the cache online, start the daemon, have it make ``first_mount``; then supervise until the daemon exits
-    (all mounts gone, or SIGTERM).  Returns the first mount's reply; raises FscacheError if it failed."""
+def run(settings: Settings, first_mount: dict | None, verbose: bool = False,
+        on_mounted: Callable[[int], None] | None = None, on_online: Callable[[], None] | None = None,
+        log_file: str | None = None) -> dict:
+    """Bring the cache online, start the daemon, have it make ``first_mount`` (if any); then supervise until the
+    daemon exits (all mounts gone, or SIGTERM).  Returns the first mount's reply; raises FscacheError if it failed.
+
+    ``on_online`` is called once the cache is bound and the control socket listens (requests then queue until the
+    daemon takes them); ``log_file``: the daemon's stderr goes there.  A singleton (``settings.singleton``)
+    daemon dies with its supervisor: a successor must be able to open the device."""
     os.makedirs(settings.run_dir, exist_ok=True)
     devfd = device.open_device()
     try:
@@ -53,8 +58,11 @@ def run(settings: Settings, first_mount: dict, verbose: bool = False,
     listener = _listen(settings.control_path)
     log.info("cachefiles on-demand cache online in %s (supervisor pid %d)", settings.cache_dir, os.getpid())
     result: dict = {}
+    if on_online is not None:
+        on_online()
 
     def do_first_mount() -> None:
+        assert first_mount is not None
         try:
             result["reply"] = reply = control.request(settings.control_path, {"op": "mount", **first_mount})
             log.info("mounted %s on %s (fsid %s)", first_mount["bootstrap"], first_mount["mountpoint"], reply["fsid"])
@@ -79,14 +87,17 @@ def run(settings: Settings, first_mount: dict, verbose: bool = False,
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     first = threading.Thread(target=do_first_mount, daemon=True)
     restarts: list[float] = []
+    stderr = open(log_file, "ab") if log_file else None
     try:
         while True:
             argv = [sys.executable, "-m", "fscache_backend.daemon", "--devfd", str(devfd),
-                    "--listen-fd", str(listener.fileno()), *(["--restore"] if restarts else []),
-                    *(["-v"] if verbose else [])]
-            child = subprocess.Popen(argv, pass_fds=(devfd, listener.fileno()), stdin=subprocess.DEVNULL)
+                    "--listen-fd", str(listener.fileno()), "--settings", settings.to_json(),
+                    *(["--restore"] if restarts else []), *(["-v"] if verbose else []),
+                    *(["--die-with-supervisor", str(os.getpid())] if settings.singleton else [])]
+            child = subprocess.Popen(argv, pass_fds=(devfd, listener.fileno()), stdin=subprocess.DEVNULL,
+                                     stdout=stderr, stderr=stderr)
             log.info("fscache daemon pid %d started%s", child.pid, " (restore)" if restarts else "")
-            if not first.is_alive() and not result and not restarts:
+            if first_mount is not None and not first.is_alive() and not result and not restarts:
                 first.start()
             rc = child.wait()
             if rc == 0 or stopping:
@@ -102,7 +113,10 @@ def run(settings: Settings, first_mount: dict, verbose: bool = False,
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        first.join(timeout=5)
+        if stderr is not None:
+            stderr.close()
+        if first.is_alive():
+            first.join(timeout=5)
         listener.close()
         try:
             os.unlink(settings.control_path)

@@ -1,7 +1,7 @@
 """``rafsfs-nydusd``: a drop-in for nydusd as nydus-snapshotter launches it (``--nydusd /path/to/rafsfs-nydusd``).
 
     rafsfs-nydusd fuse --config C.json --bootstrap B --mountpoint M --apisock S [--log-level L] [--log-file F] ...
-    rafsfs-nydusd singleton ...        (nydusd's shared fscache daemon: refused with a one-line error)
+    rafsfs-nydusd singleton --fscache DIR --apisock S ...   (nydusd's shared fscache daemon: fscache_backend.singleton)
     rafsfs-nydusd --version
 
 nydusd's JSON config (``device.backend``/``device.cache``, ``digest_validate``, ...) names the blob backend and cache
@@ -119,11 +119,12 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
 
 
 def run_singleton(args: argparse.Namespace) -> int:
-    """nydusd's shared fscache daemon (``singleton --fscache DIR``, images added through ``PUT /api/v2/blobs`` and
-    ``POST /api/v1/mount``) is not provided: the fscache backend runs its own daemon behind
-    ``rafsfs mount --mode fscache``."""
-    raise RafsError("singleton mode (nydus-snapshotter's --fs-driver fscache) is not supported by rafsfs-nydusd; "
-                    "use --fs-driver fusedev, or 'rafsfs mount --mode fscache' for the kernel's fscache path")
+    """nydusd's shared fscache daemon (``singleton --fscache DIR``; images bound through ``PUT /api/v2/blobs``)."""
+    from fscache_backend.singleton import run  # the front end composes the backend
+
+    from .daemon import new_daemon_id
+
+    return run(args, args.id or new_daemon_id())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,3 +307,145 @@ def umount_under(root: Path) -> None:
 def short_tmpdir(prefix: str) -> Path:
     """A short directory under /tmp (socket paths inside it must stay under 107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ the test VM
+class ThrottleProxy:
+    """A TCP relay on 127.0.0.1 in front of a server (a registry), whose pace a guest of the test VM sets by writing
+    a number to ``control`` (a file in a directory the VM shares writable): bytes per second from the server to the
+    client, ``0`` to stall (nothing forwarded until the file changes), empty for full speed.  A read of a big file
+    then lasts long enough to kill a daemon in the middle of it, or never ends, with a real registry behind."""
+
+    def __init__(self, upstream_port: int, control: Path):
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.control = Path(control)
+        self.control.write_text("")
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, name="throttle-proxy", daemon=True).start()
+
+    def rate(self) -> int | None:
+        try:
+            text = self.control.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=30)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, throttled: bool) -> None:
+        piece = 16384
+        try:
+            while True:
+                if throttled:
+                    rate = self.rate()
+                    while rate == 0 and not self._closed:
+                        time.sleep(0.1)
+                        rate = self.rate()
+                    if rate:
+                        time.sleep(piece / rate)
+                data = src.recv(piece)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+
+def busybox_layer_tar(shared_dir: Path, dst: Path) -> Path:
+    """The one-layer image tree of the host's static busybox, as the shared VM's examples build it
+    (``shared/vm/examples/busybox_image.py``: deterministic, one symlink per applet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("busybox_image", shared_dir / "vm" / "examples" /
+                                                  "busybox_image.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dst.write_bytes(mod.layer_tar())
+    return dst
+
+
+def guest_test_names(guest_file: Path) -> list[str]:
+    """Names of the guest tests in ``guest_file`` (parametrized ones expanded), read without importing it."""
+    import ast
+
+    names = []
+    tree = ast.parse(Path(guest_file).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            params = None
+            for d in node.decorator_list:
+                if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "parametrize":
+                    params = [ast.literal_eval(e) for e in d.args[1].elts]
+            names += [f"{node.name}[{p}]" for p in params] if params else [node.name]
+    return names
+
+
+def run_guest_pytest(run_in_vm: Path, guest_file: Path, work: Path, params: dict, fwd: list[int],
+                     timeout: float) -> tuple[dict[str, tuple[str, str]], str, float]:
+    """Boot the test VM once and run pytest on ``guest_file`` inside it with ``params`` (JSON in
+    ``$FSCACHE_TEST_PARAMS``); ``work`` is shared writable.  Returns ({test name: (status, text)}, the output, the
+    VM's wall time in seconds).  A test the VM did not report is missing from the dict.  ``$RAFSFS_GUEST_PYTEST_ARGS``
+    adds arguments to the guest's pytest (``-k NAME`` while working on one test)."""
+    import shlex
+    import xml.etree.ElementTree as ET
+
+    (work / "params.json").write_text(json.dumps(params))
+    junit = work / "junit.xml"
+    env = dict(os.environ, FSCACHE_TEST_PARAMS=str(work / "params.json"), PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=str(REPO))
+    cmd = [str(run_in_vm), "--timeout", str(int(timeout)), "--rw", str(work),
+           *[a for port in fwd for a in ("--fwd", str(port))], "--",
+           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
+           f"--junitxml={junit}", *shlex.split(os.environ.get("RAFSFS_GUEST_PYTEST_ARGS", "")), str(guest_file)]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout + 120)
+    seconds = time.monotonic() - t0
+    output = (f"--- VM exit status {p.returncode} after {seconds:.0f} s ---\n{p.stdout[-8000:]}\n"
+              f"--- stderr ---\n{p.stderr[-4000:]}")
+    results: dict[str, tuple[str, str]] = {}
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            status, text = "passed", ""
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    status, text = child.tag, (child.get("message") or "") + "\n" + (child.text or "")
+                elif child.tag == "skipped":
+                    status, text = "skipped", child.get("message") or ""
+            results[case.get("name")] = (status, text)
+    return results, output, seconds

@@ -62,10 +62,12 @@ MAX_WAIT = 120.0  # seconds: no fault holds a connection longer, whatever a test
 
 
 class FaultProxy:
-    """See the module docstring.  ``upstream_port``: the registry on 127.0.0.1 (plain HTTP)."""
+    """See the module docstring.  ``upstream_port``: the registry (plain HTTP) on ``upstream_host``, 127.0.0.1
+    unless told (the fscache VM's guest reaches the host's registry at another address)."""
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.upstream_port = upstream_port
+        self.upstream_host = upstream_host
         self.records: list[dict[str, Any]] = []
         self.requests: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -173,7 +175,7 @@ def _handler(px: FaultProxy):
                 if m:
                     shift = int(fault.get("shift", 4096))
                     headers["Range"] = f"bytes={int(m[1]) + shift}-{int(m[2]) + shift}"
-            conn = http.client.HTTPConnection("127.0.0.1", px.upstream_port, timeout=60)
+            conn = http.client.HTTPConnection(px.upstream_host, px.upstream_port, timeout=60)
             try:
                 try:
                     conn.request(self.command, self.path, body=body or None, headers=headers)

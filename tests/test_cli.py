@@ -457,14 +457,18 @@ def test_config_file_reads_through_the_cache(boot, nydus_fixture, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- review low items
-@pytest.mark.parametrize("option", [["--prefetch-files", "/lib.rs"], ["--apisock", "/tmp/x.sock"]])
-def test_fscache_mode_refuses_options_it_would_drop(boot, nydus_fixture, tmp_path, option):
-    """L5: --mode fscache does not take --prefetch-files or --apisock: one line naming the option, whatever the
-    kernel (before, they were dropped silently where fscache works)."""
+def test_fscache_mode_refuses_apisock_and_takes_prefetch_files(boot, nydus_fixture, tmp_path):
+    """L5: --mode fscache does not take --apisock: one line naming it, whatever the kernel (before, it was dropped
+    silently where fscache works).  --prefetch-files it honours: whatever stops the mount here, it is not that."""
     (tmp_path / "mnt").mkdir()
-    line = one_line_error(run_rafsfs_proc("mount", boot, tmp_path / "mnt", "--mode", "fscache", "--foreground",
-                                          "--blob-dir", nydus_fixture, *option))
-    assert "--mode fscache is not available" in line and option[0] in line
+    base = ("mount", boot, tmp_path / "mnt", "--mode", "fscache", "--blob-dir", nydus_fixture)
+    line = one_line_error(run_rafsfs_proc(*base, "--foreground", "--apisock", "/tmp/x.sock"))
+    assert "--mode fscache is not available" in line and "--apisock" in line
+    p = run_rafsfs_proc(*base, "--prefetch-files", "/lib.rs")  # in the background: returns once mounted
+    if p.returncode != 0:  # no on-demand fscache on this kernel: refused for that reason alone
+        assert "--prefetch-files" not in one_line_error(p)
+    else:  # mounted by the machine's fscache daemon, which exits with its last mount
+        subprocess.run(["umount", str(tmp_path / "mnt")], check=True)
 
 
 def test_forced_mode_that_cannot_work_is_one_line(boot, nydus_fixture, tmp_path):

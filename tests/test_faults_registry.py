@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
+from fault_readers import peak_rss, read_range, reset_peak_rss, sixteen_readers
 from registry_env import start_registry
 from test_fanotify import FanotifyMount, children
 from test_fanotify import _availability as _fanotify_unavailable
@@ -340,57 +341,6 @@ def test_oci_download_retries_a_cut_off_body(registry, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a FUSE mount
-def _vm_hwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
-def _read(path: Path, offset: int, size: int) -> bytes | int:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        return e.errno
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: the read asks for its range only
-        data = b""
-        while len(data) < size:
-            piece = os.pread(fd, size - len(data), offset + len(data))
-            if not piece:
-                break
-            data += piece
-        return data
-    except OSError as e:
-        return e.errno
-    finally:
-        os.close(fd)
-
-
-def _sixteen_readers(path: Path, chunks: list[int], limit: float) -> list[tuple[int, bytes | int, float]]:
-    """16 threads at once, reader j reads 64 KiB of chunk ``chunks[j % len(chunks)]`` at its own page:
-    [(offset, bytes or errno, seconds)]; a reader still blocked after ``limit`` fails the test."""
-    results: list = []
-    barrier = threading.Barrier(16)
-
-    def reader(j: int) -> None:
-        off = chunks[j % len(chunks)] * MiB + (j // len(chunks)) * (128 << 10)
-        barrier.wait()
-        t0 = time.monotonic()
-        got = _read(path, off, 64 << 10)
-        results.append((off, got, time.monotonic() - t0))
-
-    threads = [threading.Thread(target=reader, args=(j,), daemon=True) for j in range(16)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + limit
-    for t in threads:
-        t.join(max(end - time.monotonic(), 0.1))
-    assert len(results) == 16, f"{16 - len(results)} readers still blocked after {limit} s"
-    return results
-
-
 class _Daemon:
     """A mount under test, whatever its mode: its mountpoint, the processes that make it up (their RSS is the
     daemon's memory), whether they all still live, and how to stop it."""
@@ -416,12 +366,11 @@ class _Daemon:
 
     def reset_peak_rss(self) -> int:
         for pid in self.pids:
-            with open(f"/proc/{pid}/clear_refs", "w") as cr:
-                cr.write("5")  # reset the peak RSS
+            reset_peak_rss(pid)
         return self.peak_rss()
 
     def peak_rss(self) -> int:
-        return sum(_vm_hwm(pid) for pid in self.pids)
+        return sum(peak_rss(pid) for pid in self.pids)
 
     def stop(self) -> None:
         self.m.stop()
@@ -480,7 +429,7 @@ def test_mount_under_each_fault_sixteen_readers(mode, image, registry, tmp_path,
                 if fault == "ignore_range":
                     hwm0 = d.reset_peak_rss()
                 px.set(fault, **params)
-                results = _sixteen_readers(f, chunks, limit)
+                results = sixteen_readers(f, chunks, limit)
                 px.clear()
                 for off, got, took in results:
                     if isinstance(got, int):
@@ -503,7 +452,7 @@ def test_mount_under_each_fault_sixteen_readers(mode, image, registry, tmp_path,
             # the registry is well again: every range a failed phase left behind is served right
             time.sleep(FAILURE_MEMORY)
             for off in failed:
-                assert _read(f, off, 64 << 10) == big[off:off + (64 << 10)], ("after the faults", off)
+                assert read_range(f, off, 64 << 10) == big[off:off + (64 << 10)], ("after the faults", off)
             assert not d.dead()
         except BaseException:
             print("\n".join(outcome))  # shown with the failure

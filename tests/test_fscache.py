@@ -1,48 +1,32 @@
 """fscache mode, tested under a real kernel with EROFS over on-demand cachefiles: the shared test VM (a 6.12 kernel
 under qemu, ``../shared/vm/run-in-vm.sh``) is booted ONCE for this module and runs tests/vm/guest_fscache.py inside.
 
-The host side builds the images (zstd, lz4, uncompressed; two images sharing one blob; one big file), snapshots the
+The host side builds the images (zstd, lz4, uncompressed; two images sharing one blob; two big files), snapshots the
 source trees, starts a real ``docker-registry`` on 127.0.0.1 holding the zstd blob (forwarded into the VM with
 ``--fwd``), boots the VM and reports every guest test as one test here, with the guest's failure text.
 Nothing here is skipped: a host without qemu or the shared VM fails (CI installs qemu-system-x86 and socat).
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import pickle
 import random
 import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_rafsfs_proc
+from containerd_env import ThrottleProxy, guest_test_names, run_guest_pytest
 from registry_env import start_registry
 from treeutil import make_small_tree, make_tricky_tree, snapshot_tree
 
 from rafsfs.image import RafsImage
 
 GUEST_FILE = REPO / "tests" / "vm" / "guest_fscache.py"
-VM_TIMEOUT = 600  # the whole guest session; it normally takes a few minutes under TCG emulation
-
-
-def _guest_tests() -> list[str]:
-    """Names of the guest tests (parametrized ones expanded), read from the guest file without importing it."""
-    names = []
-    tree = ast.parse(GUEST_FILE.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-            params = None
-            for d in node.decorator_list:
-                if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "parametrize":
-                    params = [ast.literal_eval(e) for e in d.args[1].elts]
-            names += [f"{node.name}[{p}]" for p in params] if params else [node.name]
-    return names
+VM_TIMEOUT = 900  # the whole guest session; it normally takes a few minutes under TCG emulation
 
 
 def _build(src: Path, boot: Path, blobs: Path, comp: str, chunk: str = "1M") -> str:
@@ -95,12 +79,25 @@ def vm_results(tmp_path_factory, shared_dir):
     big.mkdir()
     data = random.Random(9).randbytes(12 << 20)
     (big / "big.bin").write_bytes(data)
-    _build(big, work / "big.boot", blobs, "zstd")
+    big_blob = _build(big, work / "big.boot", blobs, "zstd")
+
+    # read through a fault proxy the guest starts: 36 one-MiB chunks of random bytes (a ~36 MiB blob)
+    faults = work / "faults"
+    faults.mkdir()
+    (faults / "data.bin").write_bytes(random.Random(12).randbytes(36 << 20))
+    faults_blob = _build(faults, work / "faults.boot", blobs, "zstd")
 
     with start_registry(work / "registry") as reg:
-        for blob_id in registry_blobs:
+        for blob_id in registry_blobs + [big_blob, faults_blob]:
             reg.push_blob("rafsfs/fscache", blobs / blob_id)
         port = reg.port
+        # the big image reads through a relay whose pace the guest sets: slow enough to kill the daemon mid-read
+        proxy = ThrottleProxy(port, work / "throttle")
+        big_cfg = work / "big.json"
+        big_cfg.write_text(json.dumps({"device": {
+            "backend": {"type": "registry", "config": {"host": f"10.0.2.100:{proxy.port}", "repo": "rafsfs/fscache",
+                                                        "scheme": "http", "timeout": 60}},
+            "cache": {"type": "none"}}}))
         reg_cfg = work / "registry.json"
         reg_cfg.write_text(json.dumps({"device": {
             "backend": {"type": "registry", "config": {"host": f"10.0.2.100:{port}", "repo": "rafsfs/fscache",
@@ -114,32 +111,23 @@ def vm_results(tmp_path_factory, shared_dir):
                           "shared_b": snapshot("shared_b", shared_b)},
             "shared": {"a": str(work / "shared-a.boot"), "b": str(work / "shared-b.boot"), "blob_id": ida,
                        "chunks": shared_chunks},
-            "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest()},
+            "big": {"image": str(work / "big.boot"), "path": "big.bin", "sha256": hashlib.sha256(data).hexdigest(),
+                    "config": str(big_cfg), "throttle": str(work / "throttle")},
+            "faults": {"image": str(work / "faults.boot"), "path": "data.bin", "source": str(faults / "data.bin"),
+                       "blob_id": faults_blob, "registry": ["10.0.2.100", port], "repo": "rafsfs/fscache"},
         }
-        (work / "params.json").write_text(json.dumps(params))
-        junit = work / "junit.xml"
-        env = dict(os.environ, FSCACHE_TEST_PARAMS=str(work / "params.json"), PYTHONDONTWRITEBYTECODE="1")
-        cmd = [str(run_in_vm), "--timeout", str(VM_TIMEOUT), "--rw", str(work), "--fwd", str(port), "--",
-               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--durations=0",
-               f"--junitxml={junit}", str(GUEST_FILE)]
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=VM_TIMEOUT + 120)
-    output = f"--- VM exit status {p.returncode} ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-4000:]}"
+        try:
+            results, output, _ = run_guest_pytest(run_in_vm, GUEST_FILE, work, params, [port, proxy.port],
+                                                  VM_TIMEOUT)
+        finally:
+            proxy.close()
     print(output)  # the guest's summary and durations (shown with -s or -rA)
-    if not junit.exists():
+    if not results:
         pytest.fail(f"the VM produced no test report\n{output}", pytrace=False)
-    results: dict[str, tuple[str, str]] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        status, text = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                status, text = child.tag, (child.get("message") or "") + "\n" + (child.text or "")
-            elif child.tag == "skipped":
-                status, text = "skipped", child.get("message") or ""
-        results[case.get("name")] = (status, text)
     return results, output
 
 
-@pytest.mark.parametrize("name", _guest_tests())
+@pytest.mark.parametrize("name", guest_test_names(GUEST_FILE))
 def test_in_vm(vm_results, name):
     results, output = vm_results
     if name not in results:
@@ -192,7 +180,7 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
     """What the daemon writes into a blob's cache file (chunks from ``blob_chunks`` at their uncompressed offsets)
     is byte for byte the uncompressed layout: for a --compressor none image that is the blob file itself, which the
     kernel's file-backed EROFS reads with blkaddr * 4096."""
-    from fscache_backend.daemon import _uncovered
+    from fscache_backend.objects import _uncovered
     from fscache_backend.sources import open_source
 
     src = tmp_path / "src"
@@ -201,7 +189,7 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
     blobs = tmp_path / "blobs"
     ids = {c: _build(src, tmp_path / f"{c}.boot", blobs, c, "64K") for c in ("zstd", "none")}
     plain = (blobs / ids["none"]).read_bytes()
-    source, _ = open_source(str(blobs), [], None)
+    source = open_source(str(blobs), [], None).source
     with RafsImage.open(str(tmp_path / "zstd.boot")) as img:
         blob = img.blobs[0]
         layout = bytearray(len(plain))
@@ -225,10 +213,10 @@ def test_blob_address_space_is_the_uncompressed_layout(tmp_path):
 def test_adjacent_chunks_go_out_in_one_aligned_write(tmp_path):
     """Chunks that follow each other page by page are written as one run: bytes in place, zeros in the padding."""
     from fscache_backend import protocol
-    from fscache_backend.daemon import _runs
+    from fscache_backend.objects import _runs
 
-    from rafsfs.format.blob_meta import ChunkInfo
     from rafsfs.blob import ChunkRef
+    from rafsfs.format.blob_meta import ChunkInfo
 
     def chunk(ci, off, size):
         return ChunkRef(0, ci, ChunkInfo(off, size, off, size, False)), bytes([ci + 1]) * size
@@ -277,16 +265,16 @@ def test_cache_dir_filesystem_is_checked_before_any_daemon_starts(tmp_path):
 def test_fsids_differ_within_the_kernels_sysfs_name():
     """The kernel names an fscache-mode mount in sysfs "<domain>,<fsid>" cut to 36 characters and refuses a second
     mount whose name is the same: twelve mounts of one bootstrap get twelve names that differ within that length."""
-    from fscache_backend.daemon import SYSFS_NAME_MAX, Daemon
+    from fscache_backend.mounts import SYSFS_NAME_MAX, MountTable
     from fscache_backend.settings import Settings
 
     for domain in ("rafsfs", "a-longer-domain-name", ""):
-        d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id=domain), False)
+        d = MountTable(Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id=domain), None, set)
         prefix = f"{domain}," if domain else ""
         base = "0123456789abcdef" * 3
         names, fsids = set(), []
         for _ in range(12):
-            fsid = d._unique_fsid(base, fsids)
+            fsid = d.unique_fsid(base, fsids)
             name = (prefix + fsid)[:SYSFS_NAME_MAX]
             assert name not in names, (domain, fsid, fsids)
             names.add(name)
@@ -295,16 +283,16 @@ def test_fsids_differ_within_the_kernels_sysfs_name():
 
 
 def test_a_domain_too_long_for_the_kernels_mount_names_is_one_line(monkeypatch):
-    from fscache_backend.daemon import Daemon
     from fscache_backend.errors import FscacheError
+    from fscache_backend.mounts import MountTable
     from fscache_backend.settings import Settings
 
     monkeypatch.setenv("RAFSFS_FSCACHE_DOMAIN", "d" * 34)
     with pytest.raises(FscacheError, match="RAFSFS_FSCACHE_DOMAIN"):
         Settings.from_env()
-    d = Daemon(-1, None, Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), False)
+    d = MountTable(Settings(cache_dir="/nonexistent", run_dir="/nonexistent", domain_id="d" * 34), None, set)
     with pytest.raises(FscacheError, match="too long"):  # never a loop that stops the daemon
-        d._unique_fsid("0" * 40, ["0" * 40])
+        d.unique_fsid("0" * 40, ["0" * 40])
 
 
 def test_device_errors_keep_their_errno():

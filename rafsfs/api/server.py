@@ -56,9 +56,10 @@ class DaemonHooks:
     umount: Handler | None = None  # DELETE /api/v1/mount?mountpoint=
     bind_blob: Handler | None = None  # PUT /api/v2/blobs (fscache)
     unbind_blob: Handler | None = None  # DELETE /api/v2/blobs?domain_id=&blob_id=
+    on_request: Callable[[str, str], None] | None = None  # (method, path) of every request, before it is served
     mounts: list[MountEntry] = field(default_factory=list)
-    # more routes, (method, path) -> handler, answered like the ones above (a backend's own API: fscache's v2 blob
-    # routes); they take precedence over the built-in ones
+    # more routes, (method, path) -> handler, answered like the ones above (a backend's own API beyond them); they
+    # take precedence over the built-in ones.  on_request only sees requests, whichever route serves them
     routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
 
 
@@ -205,6 +206,8 @@ class ApiServer:
     # ------------------------------------------------------------------ routing
     def route(self, method: str, path: str, query: Query, body: bytes) -> tuple[int, Json]:
         path = path.rstrip("/") or "/"
+        if self.hooks.on_request is not None:
+            self.hooks.on_request(method, path)
         fn = self._routes.get((method, path))
         if fn is None:
             if any(p == path for (_, p) in self._routes):
