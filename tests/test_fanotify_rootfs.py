@@ -145,7 +145,7 @@ def test_32_readers_random_reads_no_mismatch(rootfs, image, files, tmp_path):
 
 @pytest.mark.allow_log()
 def test_kill9_of_the_filler_during_cold_reads_never_differs(rootfs, image, files, tmp_path):
-    """Cold reads of every file from a loopback registry by 4 readers while the worker is SIGKILLed KILLS times at
+    """Cold reads of every file from a loopback registry by 16 concurrent readers while the worker is SIGKILLed KILLS times at
     random moments (mid-fetch, between read and answer, ...): every byte read equals the source (an EIO would be
     allowed, zeros never); the successor answers the orphans and the mount reads the whole tree right after."""
     boot, blobs = image
@@ -179,7 +179,7 @@ def test_kill9_of_the_filler_during_cold_reads_never_differs(rootfs, image, file
                     os.kill(kids[0], signal.SIGKILL)
                     kills.append(kids[0])
 
-        threads = [threading.Thread(target=reader, args=(order[i::4],)) for i in range(4)]
+        threads = [threading.Thread(target=reader, args=(order[i::16],)) for i in range(16)]
         k = threading.Thread(target=killer)
         try:
             for t in threads:
