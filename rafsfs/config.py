@@ -261,13 +261,15 @@ def _cache(ctype: str, s: _Section) -> CacheConfig:
 
 
 def _prefetch(s: _Section) -> PrefetchConfig:
+    enable = s.get("enable", bool, False)
     threads = PrefetchConfig.threads
     for key in ("threads", "threads_count"):  # nydusd's name wins when both are given
         v = s.get(key, int)
+        if v == 0 and key == "threads_count" and not enable:
+            continue  # nydus-snapshotter's PUT bodies carry every field: 0 threads of a disabled prefetch is unset
         if v is not None:
             threads = _in_range(v, 1, MAX_PREFETCH_THREADS, f"{s.where}.{key}")
-    p = PrefetchConfig(enable=s.get("enable", bool, False), prefetch_all=s.get("prefetch_all", bool, False),
-                       threads=threads)
+    p = PrefetchConfig(enable=enable, prefetch_all=s.get("prefetch_all", bool, False), threads=threads)
     s.warn_unknown(("merging_size", "bandwidth_rate", "bandwidth_limit", "batch_size"))
     return p
 

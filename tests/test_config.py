@@ -176,6 +176,21 @@ def test_non_registry_values_are_bounded_and_named(bad, key):
     assert str(e.value).startswith(key + ":") and "\n" not in str(e.value)
 
 
+def test_snapshotter_put_body_with_zero_valued_prefetch_is_taken():
+    """nydus-snapshotter's fscache PUT body carries every prefetch_config field, threads_count 0 when prefetch is
+    off (its zero value): that is no prefetch at the default thread count, not an error (the singleton refused every
+    image).  Enabled with 0 threads stays an error."""
+    body = {"type": "bootstrap", "id": "img", "config": {
+        "id": "img", "backend_type": "registry", "backend_config": {"host": "r.example", "repo": "a/b"},
+        "cache_type": "fscache", "metadata_path": "/x/image.boot",
+        "prefetch_config": {"enable": False, "threads_count": 0, "merging_size": 0, "bandwidth_rate": 0}}}
+    cfg = from_dict(body)
+    assert not cfg.prefetch.enable and cfg.prefetch.threads >= 1
+    body["config"]["prefetch_config"]["enable"] = True
+    with pytest.raises(ConfigError, match="threads_count"):
+        from_dict(body)
+
+
 def test_enable_xattr_is_read_from_both_shapes():
     assert from_dict({"device": LOCAL, "enable_xattr": False}).enable_xattr is False
     seed = {"type": "bootstrap", "config": {"backend_type": "localfs", "backend_config": {"dir": "/b"},

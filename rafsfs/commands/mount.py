@@ -82,8 +82,7 @@ def _fscache_problem(req: MountRequest) -> tuple[str | None, str]:
     from fscache_backend.settings import Settings
 
     # the request first: the same command line must not be taken on one kernel and refused on another
-    supported = getattr(service, "MOUNT_OPTIONS", frozenset())  # the options the fscache service honours
-    dropped = [o for o in req.options if o not in supported]
+    dropped = [o for o in req.options if o not in service.MOUNT_OPTIONS]  # the options the fscache service honours
     if dropped:
         return f"fscache mode does not take {' or '.join(dropped)}", ""
     ok, why = probe()
