@@ -82,16 +82,12 @@ def mount_ids(target: str) -> list[int]:
     return out
 
 
-def borrow_fill_fd(path: str) -> tuple[int, int] | None:
-    """(fd, pid): a duplicate of the before-mark descriptor another live fanotify supervisor holds for data file
-    ``path``, or None.  A descriptor opened now, with that daemon's mark on the file, would raise pre-content
-    events on every write (a daemon filling through it would wait on itself); a ``pidfd_getfd`` duplicate is the
-    same open file, which raises none.  Two images sharing a blob then fill one data file without events."""
+def _other_live_records(*skip: int):
+    """The mount records of live fanotify daemons other than the processes ``skip``."""
     try:
-        want = os.stat(path)
         names = os.listdir(run_dir())
     except OSError:
-        return None
+        return
     for name in names:
         if not name.endswith(".json"):
             continue
@@ -100,14 +96,30 @@ def borrow_fill_fd(path: str) -> tuple[int, int] | None:
                 rec = MountRecord(**json.load(f))
         except (OSError, ValueError, TypeError):
             continue
-        if rec.pid == os.getpid() or not alive(rec):
-            continue
+        if rec.pid not in skip and alive(rec):
+            yield rec
+
+
+def _same_file(path: str, want: os.stat_result) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino)
+
+
+def borrow_fill_fd(path: str) -> tuple[int, int] | None:
+    """(fd, pid): a duplicate of the before-mark descriptor another live fanotify supervisor holds for data file
+    ``path``, or None.  A descriptor opened now, with that daemon's mark on the file, would raise pre-content
+    events on every write (a daemon filling through it would wait on itself); a ``pidfd_getfd`` duplicate is the
+    same open file, which raises none.  Two images sharing a blob then fill one data file without events."""
+    try:
+        want = os.stat(path)
+    except OSError:
+        return None
+    for rec in _other_live_records(os.getpid()):
         for fd in rec.fill_fds:
-            try:
-                st = os.stat(f"/proc/{rec.pid}/fd/{fd}")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            if not _same_file(f"/proc/{rec.pid}/fd/{fd}", want):
                 continue
             try:
                 pidfd = os.pidfd_open(rec.pid)
@@ -128,27 +140,9 @@ def shared_with_others(path: str) -> bool:
     the shared ready map before an answer: that daemon's group sees the same read right after ours)."""
     try:
         want = os.stat(path)
-        names = os.listdir(run_dir())
     except OSError:
         return False
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(run_dir(), name)) as f:
-                rec = MountRecord(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            continue
-        if rec.pid == os.getppid() or rec.pid == os.getpid() or not alive(rec):
-            continue
-        for p in rec.data_files:
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-                return True
-    return False
+    return any(_same_file(p, want) for rec in _other_live_records(os.getppid(), os.getpid()) for p in rec.data_files)
 
 
 def mount_path(mount_id: int) -> str | None:
