@@ -100,6 +100,17 @@ def tricky_src(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """The small real Debian rootfs (tests/rootfs_cache.py), made once per machine; read-only for tests."""
+    from rootfs_cache import ensure_test_rootfs
+
+    try:
+        return ensure_test_rootfs()
+    except Exception as e:  # debootstrap needs the Debian mirror: say so in one line
+        pytest.fail(f"cannot make the Debian test rootfs: {e}", pytrace=False)
+
+
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="FUSE mounts need root and /dev/fuse")
 

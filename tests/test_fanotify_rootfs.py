@@ -24,7 +24,6 @@ import pytest
 
 from conftest import run_rafsfs_proc
 from registry_env import start_registry
-from rootfs_cache import ensure_test_rootfs
 from test_fanotify import _WHY, REPO_NAME, FanotifyMount, _config, children, drop_caches
 from treeutil import assert_trees_equal
 
@@ -35,14 +34,6 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"fanotify mode unavail
 SOAK_SECONDS = float(os.environ.get("RAFSFS_FANOTIFY_SOAK", "60"))
 SOAK_THREADS = 32
 KILLS = 6
-
-
-@pytest.fixture(scope="module")
-def rootfs() -> Path:
-    try:
-        return ensure_test_rootfs()
-    except Exception as e:  # debootstrap needs the Debian mirror: say so in one line
-        pytest.fail(f"cannot make the Debian test rootfs: {e}", pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import erofs_mount, run_rafsfs_proc
-from rootfs_cache import ensure_test_rootfs
 from test_fuse import FuseMount
 from treeutil import assert_trees_equal
 
@@ -31,14 +30,6 @@ SOAK_SECONDS = 60
 SOAK_THREADS = 32
 RSS_LIMIT_MB = 400  # measured: 70-105 MiB peak during the soak (Python 3.11, pyfuse3 3.5, 16 MiB of recent chunks)
 RSS_GROWTH_SLACK_MB = 24
-
-
-@pytest.fixture(scope="module")
-def rootfs() -> Path:
-    try:
-        return ensure_test_rootfs()
-    except Exception as e:  # debootstrap needs the Debian mirror: say so in one line
-        pytest.fail(f"cannot make the Debian test rootfs: {e}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
