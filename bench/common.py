@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -281,3 +282,79 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+# ---------------------------------------------------------------------------- a daemon serving one mount
+def is_mounted(path: str | os.PathLike) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _tree_cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` and its live descendants (the fanotify daemon forks its filler)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class MountDaemon:
+    """``python3 -m rafsfs.cli mount ... --foreground`` as a child process, up when its mount is in mountinfo and
+    its processes have gone idle (start-up work such as table parsing or the filler's start would otherwise be
+    charged to the first workload; the container-start bench measures start-up on its own)."""
+
+    def __init__(self, mount_args: Sequence[str], mnt: str | os.PathLike, *, label: str = "rafsfs",
+                 python: Sequence[str] = (sys.executable,), timeout: float = 120.0):
+        self.mnt, self.label = Path(mnt), label
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [*python, "-m", "rafsfs.cli", "--log-level", "warning", "mount", *mount_args, str(mnt), "--foreground"],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{label} mount did not come up: {self.proc.communicate()[1][-2000:]}")
+            time.sleep(0.02)
+        self.settle(deadline)
+
+    def settle(self, deadline: float, quiet: float = 0.3) -> None:
+        """Wait until the daemon's process tree has used no CPU for ``quiet`` seconds (or the deadline)."""
+        assert self.proc is not None
+        last, since = _tree_cpu_ticks(self.proc.pid), time.monotonic()
+        while time.monotonic() - since < quiet and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = _tree_cpu_ticks(self.proc.pid)
+            if now != last:
+                last, since = now, time.monotonic()
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        return _tree_cpu_ticks(self.proc.pid) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            err = self.proc.communicate()[1]
+        if self.proc.returncode != 0:
+            log(f"WARNING: {self.label} daemon exited {self.proc.returncode}: {err[-1000:]}")
+        self.proc = None

@@ -12,7 +12,7 @@ fanotify cold   ``rafsfs mount --mode fanotify`` from the registry, empty cache
 fanotify warm   the same over a complete cache (the blob has no mark: the kernel reads alone), page cache dropped
 fuse cold/warm  ``rafsfs mount --mode fuse``, the same two caches
 
-workloads (each on a fresh mount, caches dropped first; cold rows on an empty chunk cache each time):
+workloads (each on a fresh mount once its daemon is idle, caches dropped first; cold rows on an empty chunk cache each time):
 walk            ``find MNT -ls``
 big seq         the largest file read whole, 1 MiB reads
 small files     every regular file < 64 KiB read whole, in walk order
@@ -36,7 +36,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -46,7 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench.common import REPO, Table, drop_caches, log, machine_info, parent_parser, run_timed  # noqa: E402
+from bench.common import (REPO, MountDaemon, Table, drop_caches, log, machine_info, parent_parser,  # noqa: E402
+                          run_timed)
 from rafsfs import sysmount  # noqa: E402
 from rafsfs.image import RafsImage  # noqa: E402
 
@@ -56,43 +56,17 @@ REPO_NAME = "bench/fanotify"
 WORKLOADS = ("walk", "big seq", "small files", "rand 4K", "python3")
 
 
-def _mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-class Daemon:
+class Daemon(MountDaemon):
     """``rafsfs mount --foreground --mode MODE --config C --apisock S`` as a child process."""
 
     def __init__(self, mode: str, boot: Path, cfg: Path, mnt: Path):
-        mnt.mkdir(parents=True, exist_ok=True)
-        self.mnt, self.sock = mnt, str(mnt) + ".sock"
-        self.proc = subprocess.Popen(
-            [*RAFSFS, "--log-level", "warning", "mount", str(boot), str(mnt), "--foreground", "--mode", mode,
-             "--config", str(cfg), "--apisock", self.sock],
-            env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not _mounted(mnt):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"{mode} mount did not come up: {self.proc.communicate()[1][-2000:]}")
-            time.sleep(0.02)
+        self.sock = str(mnt) + ".sock"
+        super().__init__([str(boot), "--mode", mode, "--config", str(cfg), "--apisock", self.sock], mnt, label=mode)
 
     def metrics(self) -> dict:
         from rafsfs.api.client import ApiClient
 
         return ApiClient(self.sock).cache_metrics()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            err = self.proc.communicate()[1]
-        if self.proc.returncode != 0:
-            log(f"WARNING: daemon exited {self.proc.returncode}: {err[-1000:]}")
 
 
 class Kernel:

@@ -30,7 +30,6 @@ import argparse
 import os
 import pstats
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (REPO, Table, drop_caches, fmt_bytes, log, machine_info, parent_parser,  # noqa: E402
-                          run_timed)
+from bench.common import (REPO, MountDaemon, Table, drop_caches, fmt_bytes, is_mounted, log, machine_info,  # noqa: E402
+                          parent_parser, run_timed)
 from bench.rootfs import get_tree  # noqa: E402
 from rafsfs import sysmount  # noqa: E402
 from rafsfs.image import RafsImage  # noqa: E402
@@ -53,57 +52,35 @@ BIG = 1 * MiB  # "sequential" files: at least this big
 
 
 # ---------------------------------------------------------------------------- mounts
-def _mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 class FuseDaemon:
-    """``rafsfs mount --foreground --mode fuse`` as a child process (optionally under cProfile)."""
+    """``rafsfs mount --foreground --mode fuse`` as a child process (optionally under cProfile), restartable."""
 
     def __init__(self, boot: Path, blobs: Path, mnt: Path, profile: Path | None = None):
         self.boot, self.blobs, self.mnt, self.profile = boot, blobs, mnt, profile
-        self.proc: subprocess.Popen | None = None
+        self.daemon: MountDaemon | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.daemon.proc if self.daemon else None
 
     def start(self) -> "FuseDaemon":
-        self.mnt.mkdir(parents=True, exist_ok=True)
         py = [sys.executable] + (["-m", "cProfile", "-o", str(self.profile)] if self.profile else [])
-        argv = py + ["-m", "rafsfs.cli", "--log-level", "warning", "mount", str(self.boot), str(self.mnt),
-                     "--foreground", "--mode", "fuse", "--blob-dir", str(self.blobs)]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while not _mounted(self.mnt):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"FUSE mount did not come up: {self.proc.communicate()[1][-2000:]}")
-            time.sleep(0.02)
+        self.daemon = MountDaemon([str(self.boot), "--mode", "fuse", "--blob-dir", str(self.blobs)], self.mnt,
+                                  label="FUSE", python=py, timeout=60)
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            err = self.proc.communicate()[1]
-        if self.proc.returncode != 0:
-            log(f"WARNING: FUSE daemon exited {self.proc.returncode}: {err[-1000:]}")
-        self.proc = None
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
 
     def rss_kb(self) -> int:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+        assert self.daemon is not None
+        return self.daemon.rss_kb()
 
     def cpu_s(self) -> float:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        assert self.daemon is not None
+        return self.daemon.cpu_s()
 
 
 class KernelMount:
@@ -228,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
     kmnt, fmnt = work / "kernel-mnt", work / "fuse-mnt"
     for m in (kmnt, fmnt):
-        if m.exists() and _mounted(m):
+        if m.exists() and is_mounted(m):
             sysmount.umount(str(m), lazy=True)
     kernel = KernelMount(boot, blob, kmnt)
     fuse = FuseDaemon(boot, blobs, fmnt)
@@ -239,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     def cold(which: str) -> KernelMount | FuseDaemon:
         """A freshly started mount with every cache dropped."""
         m: KernelMount | FuseDaemon = kernel if which == "kernel" else fuse
-        if (which == "kernel" and _mounted(kmnt)) or (which == "fuse" and fuse.proc):
+        if (which == "kernel" and is_mounted(kmnt)) or (which == "fuse" and fuse.proc):
             m.stop()
         m.start()
         drop_caches()
@@ -295,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             profile_fuse(boot, blobs, work, files)
     finally:
         fuse.stop()
-        if _mounted(kmnt):
+        if is_mounted(kmnt):
             kernel.stop()
 
     ok = {

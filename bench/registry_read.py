@@ -41,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench.common import (REPO, Table, drop_caches, fmt_bytes, log, machine_info, parent_parser,  # noqa: E402
-                          run_timed, save_plot)
+from bench.common import (REPO, Table, drop_caches, fmt_bytes, is_mounted, log, machine_info,  # noqa: E402
+                          parent_parser, run_timed, save_plot)
 from registry_env import start_registry  # noqa: E402
 
 from rafsfs.compression import decompress  # noqa: E402
@@ -143,11 +143,6 @@ def ranged_gets(port: int, path: str, size: int, piece: int) -> float:
 
 
 # ---------------------------------------------------------------------------- rafsfs
-def _is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
 class Mount:
     """``rafsfs mount`` (daemon) and ``rafsfs umount``: the product's own commands."""
 
@@ -157,10 +152,10 @@ class Mount:
         run_timed([*RAFSFS, "mount", boot, mnt, "--config", config, "--log-file", log_file], cwd=REPO, quiet=True)
 
     def close(self) -> None:
-        if _is_mounted(self.mnt):
+        if is_mounted(self.mnt):
             run_timed([*RAFSFS, "umount", self.mnt], cwd=REPO, quiet=True)
         for _ in range(100):
-            if not _is_mounted(self.mnt):
+            if not is_mounted(self.mnt):
                 return
             time.sleep(0.1)
 
