@@ -133,6 +133,9 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
     except OSError:  # a respawned worker: the supervisor does not wait for this
         pass
     os.close(ready_w)
+    # the backend's HTTP stack, while the supervisor mounts (a first event meanwhile waits for it); a worker never
+    # forks, so a thread may import
+    threading.Thread(target=_prepare_quietly, args=(cache,), name="fanotify-prepare", daemon=True).start()
     next_check = 0.0
     while True:  # counters for the API, and marks off blobs that became complete
         if answered.wait(max(0.0, next_check - time.monotonic())):
@@ -156,6 +159,13 @@ def _worker(sup: "_Supervisor", ready_w: int) -> None:
                         raise
                 t.marked = False
                 log.info("blob %s is complete: mark removed, the kernel reads it alone", t.entry.name)
+
+
+def _prepare_quietly(cache) -> None:
+    try:
+        cache.prepare()
+    except Exception:  # noqa: BLE001 - the first read builds it again and fails with the reason
+        log.exception("fanotify worker: preparing the backend failed")
 
 
 class SharedStats:

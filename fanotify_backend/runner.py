@@ -9,6 +9,7 @@ from .mount import preflight, serve
 
 class FanotifyRunner:
     name = "fanotify"
+    source_before_mount = True  # its entries are opened before the marks, the marks before the mount
 
     def preflight(self, mountpoint: str) -> None:
         preflight(mountpoint)

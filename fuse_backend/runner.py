@@ -23,6 +23,7 @@ def preflight(mountpoint: str) -> None:
 
 class FuseRunner:
     name = "fuse"
+    source_before_mount = False
 
     def __init__(self, debug: bool = False):
         self.debug = debug

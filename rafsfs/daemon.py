@@ -11,7 +11,8 @@ the core never imports a mode: the front end passes the runner in.
 
 Order of setup: ``runner.preflight`` (cheap, one line: the mountpoint) -> prefetch list parsed -> API socket (INIT) ->
 image -> chunk source -> pid file -> prefetch -> ``runner.run`` (which calls ``ready()``: API RUNNING, a deferred
-source starts building).  Order of teardown, whatever happened: no new prefetch -> prefetchers stopped -> source
+source starts building; with a runner that needs the source before the mount, the source is built at once, its
+backend lazily, and ``ready()`` builds the backend, then probes and prefetches in a thread).  Order of teardown, whatever happened: no new prefetch -> prefetchers stopped -> source
 closed -> image closed (unless a deferred build still uses it) -> API closed (DIED first if the session failed).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import secrets
 import signal
 import string
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -145,6 +147,9 @@ class Runner(Protocol):
     the process gets SIGTERM/SIGINT (the API's exit request sends SIGTERM), unmounts, and returns."""
 
     name: str
+    # the runner uses the source before the mount (fanotify opens the cache's entries before its marks): a deferred
+    # session then builds the source at once (its backend still lazily) and defers only the probe and prefetch
+    source_before_mount: bool
 
     def preflight(self, mountpoint: str) -> None: ...
 
@@ -193,6 +198,9 @@ class MountSession:
         self.hooks: DaemonHooks | None = None
         self._paths: list[str] = []
         self._deferred = None  # the DeferredCache, in deferred mode
+        self._late_prepare = False  # deferred mode with a runner that needs the source first (see Runner)
+        self._sealed = False  # tearing down: no prefetch starts
+        self._seal_lock = threading.Lock()
         self._prefetchers: list[Prefetcher] = []
         self._api_cm = None
 
@@ -239,9 +247,10 @@ class MountSession:
         assert image is not None
         if cfg is None:
             source = None
-        elif self.spec.source_mode == "deferred":
+        elif self.spec.source_mode == "deferred" and not self.runner.source_before_mount:
             source = self._deferred_source(cfg, image)
         else:
+            self._late_prepare = self.spec.source_mode == "deferred"
             source = source_from_config(cfg)
         self.source = source
         require_source(image, source)
@@ -301,11 +310,28 @@ class MountSession:
             self.api.running()
         if self._deferred is not None:
             self._deferred.start()
+        if self._late_prepare and self.source is not None:
+            # in the runner's thread, before any thread of ours: a worker the runner forks later finds the
+            # backend's modules imported, never half-imported by a thread the fork did not copy
+            self.source.prepare()
+            threading.Thread(target=self._prepare_late, name="rafsfs-prepare", daemon=True).start()
+
+    def _prepare_late(self) -> None:
+        """Probe and table (:func:`prepare_reads`), then prefetch, with the mount already up: a failure is logged
+        (the mount stays; reads say it again)."""
+        assert self.image is not None
+        try:
+            prepare_reads(self.image, self.source)
+        except RafsError as e:
+            log.error("%s", e)
+        with self._seal_lock:
+            if not self._sealed:
+                self._start_prefetch(self.source)
 
     def serve(self) -> None:
         """Prepare the reads (eager), start prefetch, and run the mode until the mount ends."""
         assert self.image is not None
-        if self._deferred is None:
+        if self._deferred is None and not self._late_prepare:
             prepare_reads(self.image, self.source)
             self._start_prefetch(self.source)
         log.info("mounting %s on %s (%s)", self.spec.bootstrap, self.mountpoint, self.runner.name)
@@ -322,6 +348,8 @@ class MountSession:
     def _teardown(self, failed: bool) -> None:
         image_in_use = False
         try:
+            with self._seal_lock:
+                self._sealed = True  # no late prefetcher starts after this
             if self._deferred is not None:
                 self._deferred.seal()  # no prefetcher starts after this
             for prefetcher in self._prefetchers:

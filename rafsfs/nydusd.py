@@ -93,7 +93,8 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
 
     With a registry backend and a cache the chunk source is built once the mount is up (``deferred``): the
     snapshotter waits for RUNNING, and the registry source (an HTTP stack to import, a probe round trip per blob) is
-    built while the runtime sets the container up; a state query made while the daemon is still INIT is answered
+    built while the runtime sets the container up (fanotify mode opens the cache before its marks, so only its
+    HTTP stack, probe and prefetch wait); a state query made while the daemon is still INIT is answered
     as soon as the mount is complete (or the daemon DIED)."""
     from .commands.mount import SESSION_MODES, MountRequest, runner_for, select_mode  # composes the backends
     from .config import load_config
@@ -107,8 +108,8 @@ def run_fuse_daemon(args: argparse.Namespace) -> int:
     cache_dir = cfg.cache.work_dir if cfg is not None and cfg.cache.type != "none" else None
     mode = select_mode(os.environ.get(MODE_ENV, "auto"), MountRequest(cache_dir=cache_dir, options=()),
                        SESSION_MODES, what=MODE_ENV)
-    # fanotify opens every cache entry before its mark, and marks before it mounts: its source is built first
-    deferred = mode == "fuse" and cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
+    # both modes report RUNNING before the registry is probed (fanotify builds its cache first, the HTTP stack later)
+    deferred = cfg is not None and cfg.backend.type == "registry" and cfg.cache.type != "none"
     spec = MountSpec(bootstrap=args.bootstrap, mountpoint=args.mountpoint, config=cfg,
                      source_mode="deferred" if deferred else "eager", apisock=args.apisock,
                      prefetch=args.prefetch_files, daemon_id=args.id, api_mountpoint="/", hold_init=HOLD_INIT)

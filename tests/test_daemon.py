@@ -45,6 +45,7 @@ class ProbeRunner:
     """A mode that mounts nothing: it records what it is given and reads through the session's source."""
 
     name = "probe"
+    source_before_mount = False
 
     def __init__(self, sock: Path, fail: bool = False):
         self.sock, self.fail = sock, fail

@@ -212,3 +212,53 @@ def test_every_backend_names_where_its_bytes_come_from(tmp_path):
 
     with pytest.raises(TypeError):
         Nameless()
+
+
+# ---------------------------------------------------------------------------- the lazy backend
+def test_a_registry_source_is_built_without_the_http_stack(tmp_path):
+    """A chunk cache over a registry (what a fanotify daemon builds before its mount) imports no HTTP stack and
+    sends nothing; prepare() builds the backend (imports, no request); reads then use it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from rafsfs.config import from_dict\n"
+        "from rafsfs.storage.factory import source_from_config\n"
+        f"cfg = from_dict({{'device': {{'backend': {{'type': 'registry', 'config': {{'scheme': 'http', "
+        f"'host': '127.0.0.1:9', 'repo': 'x/y'}}}}, 'cache': {{'type': 'blobcache', 'config': "
+        f"{{'work_dir': {str(tmp_path / 'c')!r}}}}}}}}})\n"
+        "src = source_from_config(cfg)\n"
+        "before = 'requests' in sys.modules\n"
+        "src.prepare()\n"
+        "print(json.dumps([before, 'requests' in sys.modules, src.backend.identity]))\n"
+        "src.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == '[false, true, "registry:http://127.0.0.1:9/x/y"]'
+
+
+def test_lazy_backend_builds_once_and_closes_what_it_built(image):
+    from rafsfs.storage.backend.lazy import LazyBackend
+
+    boot, blobs, _ = image
+    built: list[CountingBackend] = []
+
+    def make():
+        time.sleep(0.05)  # a slow build: concurrent first reads all arrive during it
+        built.append(CountingBackend(str(blobs)))
+        return built[-1]
+
+    blob = RafsImage.open(str(boot)).blobs[0]
+    lazy = LazyBackend(make, "local:test")
+    assert lazy.identity == "local:test" and not lazy.is_local and built == []
+    ts = [threading.Thread(target=lazy.read, args=(blob.ref, 0, 16)) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(built) == 1 and lazy.read(blob.ref, 0, 16) == (blobs / blob.blob_id).read_bytes()[:16]
+    lazy.close()
+    never = LazyBackend(make, "local:test")
+    never.close()
+    assert len(built) == 1  # closing an unbuilt backend builds nothing

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from ..config import BackendConfig, CacheConfig, RafsConfig, load_config
 from ..errors import BlobUnavailable
-from .backend.base import BlobBackend
+from .backend.base import BlobBackend, registry_identity
+from .backend.lazy import LazyBackend
 from .backend.localfs import LocalFsBackend
 from .cache.chunk_cache import CacheOptions, ChunkCache
 from .cache.none import DEFAULT_RECENT_BYTES, DirectChunkSource
@@ -17,10 +18,15 @@ from .source import ChunkSource
 
 def backend_from_config(cfg: RafsConfig) -> BlobBackend:
     if cfg.backend.type == "registry":
-        from .backend.registry import RegistryBackend
+        reg = cfg.backend.registry
+        assert reg is not None
 
-        assert cfg.backend.registry is not None
-        return RegistryBackend(cfg.backend.registry)
+        def build() -> BlobBackend:
+            from .backend.registry import RegistryBackend  # the HTTP stack: imported on first use (lazy.py)
+
+            return RegistryBackend(reg)
+
+        return LazyBackend(build, registry_identity(reg))
     return LocalFsBackend(cfg.backend.blob_dir, cfg.backend.devices)
 
 

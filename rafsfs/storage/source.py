@@ -48,6 +48,10 @@ class ChunkSource(ABC):
     def close(self) -> None:
         """Stop background work and release files and connections."""
 
+    def prepare(self) -> None:
+        """Do now the one-time set-up the first backend read would do (imports, HTTP sessions); no network.  A
+        daemon calls it off the path to "mounted", so that the first read does not pay for it."""
+
     @property
     def keeps_chunks(self) -> bool:
         """Chunks read once stay (a cache): prefetching fills it."""

@@ -5,8 +5,12 @@ import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ...blob import BlobRef, check_blob_id  # noqa: F401  (backends import them from here too)
+
+if TYPE_CHECKING:
+    from ...config import RegistryConfig
 
 _cap = threading.local()
 
@@ -31,8 +35,16 @@ class BlobBackend(ABC):
         cannot be verified are keyed by it (``storage.cache.blob_file.table_key``), so they are never shared with
         a reader of another source."""
 
+    def prepare(self) -> None:
+        """Do now the one-time set-up a first read would do (imports, sessions); no network."""
+
     def close(self) -> None:
         pass
+
+
+def registry_identity(cfg: "RegistryConfig") -> str:
+    """A registry backend's :attr:`BlobBackend.identity` (known before the backend is built)."""
+    return f"registry:{cfg.scheme}://{cfg.host}/{cfg.repo}"
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ import urllib3
 from ...config import Endpoint, RegistryConfig
 from ...errors import BlobUnavailable
 from .auth import docker_credentials
-from .base import BlobBackend, BlobRef, check_blob_id, current_deadline_cap
+from .base import BlobBackend, BlobRef, check_blob_id, current_deadline_cap, registry_identity
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class RegistryBackend(BlobBackend):
     # ------------------------------------------------------------------ BlobBackend
     @property
     def identity(self) -> str:
-        return f"registry:{self.cfg.scheme}://{self.cfg.host}/{self.cfg.repo}"
+        return registry_identity(self.cfg)
 
     @_boundary
     def read(self, blob: BlobRef, offset: int, size: int) -> bytes:

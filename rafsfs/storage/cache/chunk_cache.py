@@ -192,6 +192,9 @@ class ChunkCache(ChunkSource):
     def is_local(self) -> bool:
         return self.backend.is_local
 
+    def prepare(self) -> None:
+        self.backend.prepare()
+
     def meta(self, blob: BlobInfo) -> BlobMeta:
         return self._metas.get(blob)
 

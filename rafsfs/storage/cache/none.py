@@ -83,6 +83,9 @@ class DirectChunkSource(ChunkSource):
     def is_local(self) -> bool:
         return self.backend.is_local
 
+    def prepare(self) -> None:
+        self.backend.prepare()
+
     def meta(self, blob: BlobInfo) -> BlobMeta:
         return self._metas.get(blob)
 
