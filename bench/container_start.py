@@ -135,7 +135,7 @@ def one_run(way: str, root: Path, refs: dict[str, str], ca_file: Path | None) ->
 def prepare(reg: Registry, work: Path, soci: bool, tls_host: str) -> dict[str, str]:
     # the daemon's bytecode, as `pip install` compiles it: from a source checkout with PYTHONDONTWRITEBYTECODE set
     # (as on this machine) every daemon start would compile every rafsfs module again, ~40 ms
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "rafsfs", "fuse_backend"], check=True,
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "rafsfs", "fuse_backend", "fanotify_backend"], check=True,
                    cwd=str(Path(__file__).resolve().parent.parent))
     tar = python_rootfs_tar()
     log(f"pushing the OCI image ({tar.stat().st_size >> 20} MiB rootfs tar, gzip)")

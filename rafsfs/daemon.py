@@ -147,8 +147,9 @@ class Runner(Protocol):
     the process gets SIGTERM/SIGINT (the API's exit request sends SIGTERM), unmounts, and returns."""
 
     name: str
-    # the runner uses the source before the mount (fanotify opens the cache's entries before its marks): a deferred
-    # session then builds the source at once (its backend still lazily) and defers only the probe and prefetch
+    # the runner opens the source before the mount and serves reads through a source of its own (fanotify: the
+    # cache's entries before its marks, a worker's cache): a deferred session then builds the source at once (its
+    # backend lazily) and, once ready, probes and prefetches only if there is something to prefetch
     source_before_mount: bool
 
     def preflight(self, mountpoint: str) -> None: ...
@@ -311,10 +312,22 @@ class MountSession:
         if self._deferred is not None:
             self._deferred.start()
         if self._late_prepare and self.source is not None:
+            if not self._prefetch_wanted():
+                # the runner reads through a source of its own (fanotify's worker): the probe would only build a
+                # second HTTP stack here, while the container starts; a blob that cannot be read fails its reads
+                log.debug("no prefetch: the blobs are not probed, the first read reports a failure")
+                return
             # in the runner's thread, before any thread of ours: a worker the runner forks later finds the
             # backend's modules imported, never half-imported by a thread the fork did not copy
             self.source.prepare()
             threading.Thread(target=self._prepare_late, name="rafsfs-prepare", daemon=True).start()
+
+    def _prefetch_wanted(self) -> bool:
+        from .storage.cache.prefetch import plan_for, plan_has_work
+
+        assert self.image is not None
+        pf = self.spec.config.prefetch if self.spec.config is not None else None
+        return plan_has_work(self.image, plan_for(pf, self._paths)[0])
 
     def _prepare_late(self) -> None:
         """Probe and table (:func:`prepare_reads`), then prefetch, with the mount already up: a failure is logged

@@ -194,6 +194,11 @@ def plan_for(pf: "PrefetchConfig | None", paths: list[str]) -> tuple[PrefetchPla
             max(1, min(pf.threads, 4)))
 
 
+def plan_has_work(image: RafsImage, plan: PrefetchPlan) -> bool:
+    """``plan`` asks for anything in ``image``."""
+    return bool(plan.paths or plan.whole_blobs or (plan.use_table and image.prefetch_nids))
+
+
 def start_prefetch(image: RafsImage, source: ChunkSource, plan: PrefetchPlan,
                    threads: int = 2) -> Prefetcher | None:
     """Start prefetching ``plan`` if ``source`` keeps what it reads (a chunk cache) and there is anything to do."""
@@ -201,7 +206,7 @@ def start_prefetch(image: RafsImage, source: ChunkSource, plan: PrefetchPlan,
         if plan.paths or plan.whole_blobs:
             log.warning("prefetch needs a chunk cache (cache type 'none' configured): not prefetching")
         return None
-    if not (plan.paths or plan.whole_blobs or (plan.use_table and image.prefetch_nids)):
+    if not plan_has_work(image, plan):
         return None
     return Prefetcher(image, source, plan, threads).start()
 
