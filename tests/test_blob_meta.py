@@ -8,6 +8,7 @@ import json
 import os
 import random
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -384,3 +385,24 @@ def test_readers_waiting_for_a_failing_metadata_load_share_its_error(no_table_im
         with pytest.raises(BlobUnavailable):
             src.meta(blob)
         assert len(be.requests) <= 3
+
+
+def test_abandoned_metadata_writes_are_counted_and_swept(tmp_path):
+    """A daemon killed while it saved a blob's metadata leaves ``.<blob id>.blob.meta.*.tmp`` (atomic.replacing's
+    temporary file).  Once older than TEMP_GRACE it is counted in the cache's usage and removed by ``rafsfs cache
+    gc``; a younger one (a write under way) is left alone.  On the old code such files stayed forever, uncounted."""
+    from conftest import run_rafsfs_proc
+
+    from rafsfs.storage.cache.store import TEMP_GRACE, orphan_metas, usage
+
+    work = tmp_path / "cache"
+    work.mkdir()
+    old = work / f".{'ab' * 32}{META_SUFFIX}.x1y2z3.tmp"
+    young = work / f".{'cd' * 32}{META_SUFFIX}.q7r8s9.tmp"
+    for p in (old, young):
+        p.write_bytes(os.urandom(8192))
+    os.utime(old, (time.time() - TEMP_GRACE - 60,) * 2)
+    assert [(o.blob_id, o.file_name) for o in orphan_metas(str(work))] == [("ab" * 32, old.name)]
+    assert usage(str(work)) == old.stat().st_blocks * 512
+    run_rafsfs_proc("cache", "gc", "--work-dir", work, check=0)
+    assert sorted(os.listdir(work)) == [young.name]

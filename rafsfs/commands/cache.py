@@ -55,7 +55,7 @@ def run_ls(args: argparse.Namespace) -> int:
     orphans = orphan_metas(_cache_dir(args))
     if orphans:  # removed by the next `rafsfs cache gc`
         total += sum(o.disk_bytes for o in orphans)
-        println(f"saved metadata of {len(orphans)} blobs without an entry: "
+        println(f"saved metadata of {len(orphans)} blobs without an entry (or abandoned writes): "
                 f"{format_bytes(sum(o.disk_bytes for o in orphans))}")
     println(f"{len(entries)} blobs, {format_bytes(total)} on disk in {_cache_dir(args)}")
     return 0

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from ..meta import META_SUFFIX
@@ -46,10 +47,20 @@ class CacheEntry:
 
 @dataclass(frozen=True)
 class OrphanMeta:
-    """A saved ``<blob id>.blob.meta`` with no entry of its blob id beside it."""
+    """A saved ``<blob id>.blob.meta`` with no entry of its blob id beside it, or the temporary file of a metadata
+    write that never finished (its writer was killed: ``.<blob id>.blob.meta.*.tmp``, older than
+    :data:`TEMP_GRACE`)."""
     blob_id: str
     disk_bytes: int
     last_used: float  # mtime: when it was saved
+    file_name: str = ""  # in the work dir; "" = ``<blob id>.blob.meta``
+
+    @property
+    def path_name(self) -> str:
+        return self.file_name or self.blob_id + META_SUFFIX
+
+
+TEMP_GRACE = 600.0  # seconds: a metadata write's temporary file older than this was abandoned (a write takes ms)
 
 
 def _busy(map_path: str) -> bool:
@@ -81,9 +92,13 @@ def _scan(work_dir: str) -> tuple[list[CacheEntry], list[OrphanMeta]]:
         return [], []
     out = []
     metas = {}
+    temps = []
     for fn in names:
         if fn.endswith(META_SUFFIX):
             metas[fn[:-len(META_SUFFIX)]] = fn
+            continue
+        if fn.startswith(".") and fn.endswith(".tmp") and META_SUFFIX + "." in fn:
+            temps.append(fn)
             continue
         if not fn.endswith(MAP_SUFFIX):
             continue
@@ -115,6 +130,14 @@ def _scan(work_dir: str) -> tuple[list[CacheEntry], list[OrphanMeta]]:
         except OSError:
             continue
         orphans.append(OrphanMeta(blob_id, st.st_blocks * 512, st.st_mtime))
+    now = time.time()
+    for fn in temps:
+        try:
+            st = os.lstat(os.path.join(work_dir, fn))
+        except OSError:
+            continue
+        if now - st.st_mtime > TEMP_GRACE:
+            orphans.append(OrphanMeta(fn[1:].split(META_SUFFIX, 1)[0], st.st_blocks * 512, st.st_mtime, fn))
     orphans.sort(key=lambda o: o.last_used)
     return out, orphans
 
@@ -173,16 +196,17 @@ def usage(work_dir: str) -> int:
 
 def evict(work_dir: str, max_bytes: int | None = None) -> list[CacheEntry]:
     """Remove entries not in use, least recently used first, until the directory holds at most ``max_bytes``
-    (``None``: remove every entry not in use).  Metadata files without an entry go first, and a blob's metadata
-    file goes with its last entry.  Returns the removed entries."""
+    (``None``: remove every entry not in use).  Metadata files without an entry (and abandoned temporary files of
+    metadata writes) go first, and a blob's metadata file goes with its last entry.  Returns the removed entries."""
     entries, orphans = _scan(work_dir)
     total = sum(e.disk_bytes for e in entries) + sum(o.disk_bytes for o in orphans)
     for o in orphans:
         if max_bytes is not None and total <= max_bytes:
             break
-        _unlink(os.path.join(work_dir, o.blob_id + META_SUFFIX))
+        _unlink(os.path.join(work_dir, o.path_name))
         total -= o.disk_bytes
-        log.info("cache: removed metadata of blob %s, which has no entry (%d bytes)", o.blob_id, o.disk_bytes)
+        log.info("cache: removed %s of blob %s, which has no entry (%d bytes)",
+                 "an abandoned metadata write" if o.file_name else "metadata", o.blob_id, o.disk_bytes)
     removed = []
     for e in entries:
         if max_bytes is not None and total <= max_bytes:
