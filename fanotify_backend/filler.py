@@ -134,13 +134,54 @@ class Filler:
         except OSError as e:  # EINVAL would mean a bad answer: keep going, the event stays for a successor
             log.error("cannot answer event fd %d: %s", fd, e)
 
-    def _handle(self, slot: int, i: int, ev: fa.Event, t0: float) -> None:
+    def _ready_now(self, ev: fa.Event) -> list[tuple[BlobInfo, list]] | None:
+        """The chunks under ``ev``'s range, per blob, when every one of them is ready already (the common case of a
+        sequential reader behind readahead: the kernel asks for each 128 KiB of filled ranges while the mark stays);
+        None when something must be filled (or decided) by :meth:`_decide`.  Cheap: no I/O, the metadata was loaded
+        when the worker opened its entries."""
+        if ev.fd < 0 or not ev.mask & fa.FAN_PRE_ACCESS or ev.pid == self.pid:
+            return None
+        targets = self._target_of(ev.fd)
+        if len(targets) != 1:
+            return None
+        t = targets[0]
+        end = min(ev.offset + ev.count, t.size)
+        out = []
+        for blob in t.blobs:
+            chunks = self.cache.meta(blob).chunks_at(ev.offset, end - ev.offset) if ev.offset < end else []
+            if not all(self.cache.is_ready(blob, c) for c in chunks):
+                return None
+            out.append((blob, chunks))
+        return out
+
+    def _follow(self, ready: list[tuple[BlobInfo, list]]) -> None:
+        """After a ready range was allowed: let the cache see the step (its readahead follows in-order readers
+        through hits too)."""
         try:
-            if ev.fd < 0:  # FAN_NOFD: an overflow notice, nothing to answer
-                response = None
-            else:
+            for blob, chunks in ready:
+                if chunks:
+                    self.cache.fill(blob, chunks)
+        except RafsError as e:
+            log.debug("readahead after a ready range: %s", e)
+        except Exception:
+            log.exception("readahead after a ready range")
+
+    def _handle(self, slot: int, i: int, ev: fa.Event, t0: float) -> None:
+        response = None
+        try:
+            if ev.fd >= 0:  # else FAN_NOFD: an overflow notice, nothing to answer
                 targets = self._target_of(ev.fd)
                 response = self._decide(ev, targets) if targets else fa.FAN_ALLOW  # not ours: nothing to fill
+        except BaseException:
+            log.exception("event handler")
+            self._done(slot)
+            raise
+        self._finish(slot, i, ev, response, t0)
+
+    def _finish(self, slot: int, i: int, ev: fa.Event, response: int | None, t0: float) -> None:
+        """Answer ``ev`` (unless it is a notice), record it answered in the journal, and free its slot after its
+        last event."""
+        try:
             if response is not None:
                 self._answer(ev.fd, response)
                 if response != fa.FAN_ALLOW:
@@ -155,12 +196,15 @@ class Filler:
             log.exception("event handler")
             raise
         finally:
-            with self._lock:
-                self._left[slot] -= 1
-                done = self._left[slot] == 0
-            if done:
-                self.journal.clear(slot)
-                self.free.put(slot)
+            self._done(slot)
+
+    def _done(self, slot: int) -> None:
+        with self._lock:
+            self._left[slot] -= 1
+            done = self._left[slot] == 0
+        if done:
+            self.journal.clear(slot)
+            self.free.put(slot)
 
     # ------------------------------------------------------------------ a predecessor's orphans
     def recover(self) -> int:
@@ -209,7 +253,15 @@ class Filler:
             with self._lock:
                 self._left[slot] = len(events)
             for i, ev in enumerate(events):
-                self.pool.submit(self._handle, slot, i, ev, t0)
+                try:
+                    ready = self._ready_now(ev)
+                except Exception:  # noqa: BLE001 - the handler decides (and logs) instead
+                    ready = None
+                if ready is None:
+                    self.pool.submit(self._handle, slot, i, ev, t0)
+                else:  # answered here, without a hand-off to a handler thread (~0.1 ms per event)
+                    self._finish(slot, i, ev, fa.FAN_ALLOW, t0)
+                    self.pool.submit(self._follow, ready)
 
     def stats(self, percentiles: bool = True) -> dict:
         """Counters; the latency percentiles are computed again only when asked (a sort of up to 64k samples)."""
