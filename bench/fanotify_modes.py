@@ -13,7 +13,8 @@ fanotify warm   the same over a complete cache (the blob has no mark: the kernel
 fuse cold/warm  ``rafsfs mount --mode fuse``, the same two caches
 
 workloads (each on a fresh mount once its daemon is idle, caches dropped first; cold rows on an empty chunk cache each
-time; each cell the median of ``--repeat`` runs, 3 by default, unless one run takes over 5 s):
+time; each cell the median of ``--repeat`` runs, 5 by default, the rows taking turns; a cell whose run took over 5 s
+is run once):
 walk            ``find MNT -ls``
 big seq         the largest file read whole, 1 MiB reads
 small files     every regular file < 64 KiB read whole, in walk order
@@ -240,9 +241,11 @@ def run(args: argparse.Namespace) -> int:
             events = event_bytes = 0
             lat: list[tuple[float, float]] = []
             for w in WORKLOADS:
-                for r in rows:
-                    times = []
-                    for k in range(args.repeat):
+                times: dict[str, list[float]] = {r: [] for r in rows}
+                for k in range(args.repeat):  # the rows take turns, so each sees the same background load
+                    for r in rows:
+                        if k and times[r][-1] > REPEAT_UNDER:
+                            continue  # long enough that one run is not noise
                         mnt = work / "mnt"
                         if r == "kernel":
                             m = Kernel(boot, data, mnt)
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                         try:
                             drop_caches()
                             took, nbytes = run_workload(w, mnt, plan)
-                            times.append(took)
+                            times[r].append(took)
                             if r == "fanotify cold" and k == 0:
                                 st = m.metrics().get("fanotify", {})
                                 if nbytes:
@@ -267,11 +270,10 @@ def run(args: argparse.Namespace) -> int:
                                     lat.append((h["p50"], h["p99"]))
                         finally:
                             m.stop()
-                        if took > REPEAT_UNDER:
-                            break  # long enough that one run is not noise
-                    rows[r][w] = statistics.median(times)
-                    log(f"{comp} {w:11s} {r:13s} {rows[r][w]:8.3f} s (median of {len(times)}: "
-                        f"{' '.join(f'{t:.3f}' for t in times)})")
+                for r in rows:
+                    rows[r][w] = statistics.median(times[r])
+                    log(f"{comp} {w:11s} {r:13s} {rows[r][w]:8.3f} s (median of {len(times[r])}: "
+                        f"{' '.join(f'{t:.3f}' for t in times[r])})")
             cold = rows["fanotify cold"]
             cold["ev_per_mib"] = events / max(event_bytes / MiB, 1e-9) if event_bytes else None
             if lat:
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", choices=["bench", "test"], default="bench",
                    help="bench: the 58k-entry rootfs; test: the tests' smaller rootfs")
     p.add_argument("--seq", action="store_true", help="only the cold sequential read against the zstd floor")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=int, default=5,
                    help=f"runs per cell, median (cells over {REPEAT_UNDER:g} s run once); --seq: runs per mode")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
