@@ -316,16 +316,24 @@ class MountDaemon:
                  python: Sequence[str] = (sys.executable,), timeout: float = 120.0):
         self.mnt, self.label = Path(mnt), label
         self.mnt.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen | None = subprocess.Popen(
-            [*python, "-m", "rafsfs.cli", "--log-level", "warning", "mount", *mount_args, str(mnt), "--foreground"],
-            env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log_path = Path(str(mnt) + ".log")  # a file, not a pipe: a chatty daemon never blocks on its log
+        with open(self.log_path, "w") as logf:
+            self.proc: subprocess.Popen | None = subprocess.Popen(
+                [*python, "-m", "rafsfs.cli", "--log-level", "warning", "mount", *mount_args, str(mnt),
+                 "--foreground"], env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL, stderr=logf)
         deadline = time.monotonic() + timeout
         while not is_mounted(self.mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"{label} mount did not come up: {self.proc.communicate()[1][-2000:]}")
+                self.stop()  # SIGTERM: a daemon that mounted meanwhile unmounts before it exits
+                raise RuntimeError(f"{label} mount did not come up: {self.log_tail()}")
             time.sleep(0.02)
         self.settle(deadline)
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
 
     def settle(self, deadline: float, quiet: float = 0.3) -> None:
         """Wait until the daemon's process tree has used no CPU for ``quiet`` seconds (or the deadline)."""
@@ -349,12 +357,13 @@ class MountDaemon:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=120)
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            err = self.proc.communicate()[1]
+            self.proc.wait()
         if self.proc.returncode != 0:
-            log(f"WARNING: {self.label} daemon exited {self.proc.returncode}: {err[-1000:]}")
+            log(f"WARNING: {self.label} daemon exited {self.proc.returncode}: {self.log_tail(1000)}")
         self.proc = None

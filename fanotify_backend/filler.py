@@ -172,9 +172,9 @@ class Filler:
             if ev.fd >= 0:  # else FAN_NOFD: an overflow notice, nothing to answer
                 targets = self._target_of(ev.fd)
                 response = self._decide(ev, targets) if targets else fa.FAN_ALLOW  # not ours: nothing to fill
-        except BaseException:
+        except BaseException:  # _decide maps every Exception; this is only what must not be swallowed
             log.exception("event handler")
-            self._done(slot)
+            self._finish(slot, i, ev, fa.DENY_EIO if ev.fd >= 0 else None, t0)  # never leave a reader waiting
             raise
         self._finish(slot, i, ev, response, t0)
 

@@ -8,7 +8,9 @@ Survival design A of ``../shared/spec/fanotify-precontent.md`` §7.1:
   of incomplete blobs (complete ones get no mark: the kernel alone serves them), forks the first worker, waits until it
   reads events, then mounts the bootstrap file-backed with each data file as ``device=``.  It never reads or answers
   events: it only holds the group and the descriptors, re-forks a worker that dies, and unmounts on SIGTERM before the
-  group closes.  It stays single-threaded (it forks).
+  group closes.  It forks while other threads may run (the API server; after ready, the session's probe and
+  prefetch): a worker touches none of their locks, and the modules it needs are imported in this thread before
+  those threads start (the session imports the backend's in ``ready()``), so no fork copies one half-imported.
 * A **worker** (forked) inherits all that, builds its own chunk cache over the same entries with the inherited
   before-mark descriptors in place of its own, answers what its predecessor left in the shared journal
   (:meth:`Filler.recover`), then reads events into the journal itself (:class:`~.journal.Journal`) and fills them.

@@ -12,7 +12,8 @@ the core never imports a mode: the front end passes the runner in.
 Order of setup: ``runner.preflight`` (cheap, one line: the mountpoint) -> prefetch list parsed -> API socket (INIT) ->
 image -> chunk source -> pid file -> prefetch -> ``runner.run`` (which calls ``ready()``: API RUNNING, a deferred
 source starts building; with a runner that needs the source before the mount, the source is built at once, its
-backend lazily, and ``ready()`` builds the backend, then probes and prefetches in a thread).  Order of teardown, whatever happened: no new prefetch -> prefetchers stopped -> source
+backend lazily, and ``ready()``, when there is something to prefetch, builds the backend, then probes and prefetches
+in a thread; with nothing to prefetch the blobs are not probed: the runner's own reads report a failure).  Order of teardown, whatever happened: no new prefetch -> prefetchers stopped -> source
 closed -> image closed (unless a deferred build still uses it) -> API closed (DIED first if the session failed).
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SourceMode = Literal["eager", "deferred"]
 PROBE_DEADLINE = 5.0  # seconds a probe of one blob may take (nydusd's request timeout; a read gets more)
+LATE_WAIT = 2.0  # seconds teardown waits for a probe after ready(); then it leaves the image and source open
 
 
 class MountError(RafsError):
@@ -200,6 +202,7 @@ class MountSession:
         self._paths: list[str] = []
         self._deferred = None  # the DeferredCache, in deferred mode
         self._late_prepare = False  # deferred mode with a runner that needs the source first (see Runner)
+        self._late_thread: threading.Thread | None = None  # its probe + prefetch start, after ready()
         self._sealed = False  # tearing down: no prefetch starts
         self._seal_lock = threading.Lock()
         self._prefetchers: list[Prefetcher] = []
@@ -319,8 +322,15 @@ class MountSession:
                 return
             # in the runner's thread, before any thread of ours: a worker the runner forks later finds the
             # backend's modules imported, never half-imported by a thread the fork did not copy
-            self.source.prepare()
-            threading.Thread(target=self._prepare_late, name="rafsfs-prepare", daemon=True).start()
+            try:
+                self.source.prepare()
+            except Exception as e:  # noqa: BLE001 - the mount stays; its reads report the failure again
+                log.error("cannot prepare the chunk source's backend: %s", e)
+                return
+            assert self.image is not None
+            self._late_thread = threading.Thread(target=self._prepare_late, args=(self.image, self.source),
+                                                 name="rafsfs-prepare", daemon=True)
+            self._late_thread.start()
 
     def _prefetch_wanted(self) -> bool:
         from .storage.cache.prefetch import plan_for, plan_has_work
@@ -329,17 +339,18 @@ class MountSession:
         pf = self.spec.config.prefetch if self.spec.config is not None else None
         return plan_has_work(self.image, plan_for(pf, self._paths)[0])
 
-    def _prepare_late(self) -> None:
+    def _prepare_late(self, image: "RafsImage", source: "ChunkSource") -> None:
         """Probe and table (:func:`prepare_reads`), then prefetch, with the mount already up: a failure is logged
-        (the mount stays; reads say it again)."""
-        assert self.image is not None
+        (the mount stays; reads say it again).  Teardown waits for this (or leaves ``image`` and ``source`` open)."""
         try:
-            prepare_reads(self.image, self.source)
+            prepare_reads(image, source)
         except RafsError as e:
             log.error("%s", e)
+        except Exception:  # noqa: BLE001 - a thread's error must reach the log, not stderr
+            log.exception("preparing the reads")
         with self._seal_lock:
             if not self._sealed:
-                self._start_prefetch(self.source)
+                self._start_prefetch(source)
 
     def serve(self) -> None:
         """Prepare the reads (eager), start prefetch, and run the mode until the mount ends."""
@@ -368,9 +379,12 @@ class MountSession:
             for prefetcher in self._prefetchers:
                 prefetcher.stop()
             self._prefetchers.clear()
+            if self._late_thread is not None:
+                self._late_thread.join(LATE_WAIT)  # a probe of a registry that does not answer: bounded
+                image_in_use = self._late_thread.is_alive()
             if self._deferred is not None:
                 image_in_use = not self._deferred.close()  # a build still running uses the image
-            elif self.source is not None:
+            elif self.source is not None and not image_in_use:
                 self.source.close()
             self.source = None
         finally:

@@ -536,3 +536,23 @@ def test_nydusd_is_running_before_the_registry_is_asked(data_image, tmp_path):
             assert read_errno(mnt / "big") == files["/big"]
         finally:
             assert _nydusd_fanotify_stop(p, mnt) == 0
+
+
+def test_nydusd_without_prefetch_asks_the_registry_only_for_reads(data_image, tmp_path):
+    """With nothing to prefetch, a fanotify rafsfs-nydusd sends the registry nothing of its own (no blob probe from
+    the supervisor, which would build a second HTTP stack while the container starts): the first request is a
+    read's, and the bytes are right."""
+    d, boot, blob, files = data_image
+    with start_registry(tmp_path / "reg") as reg:
+        reg.push_blob(REPO_NAME, blob)
+        cfg = _config(tmp_path / "nydusd.json", reg.nydusd_config(REPO_NAME, tmp_path / "cache"))
+        before = len(reg.requests())
+        mnt, log = tmp_path / "mnt", tmp_path / "nydusd.log"
+        p = _nydusd_fanotify(boot, cfg, mnt, tmp_path / "api.sock", log)
+        try:
+            time.sleep(1.5)  # the probe ran right after RUNNING before
+            assert reg.requests()[before:] == [], reg.requests()[before:]
+            assert read_errno(mnt / "small" / "f5") == files["/small/f5"]
+            assert reg.requests()[before:]
+        finally:
+            assert _nydusd_fanotify_stop(p, mnt) == 0

@@ -261,4 +261,6 @@ def test_lazy_backend_builds_once_and_closes_what_it_built(image):
     lazy.close()
     never = LazyBackend(make, "local:test")
     never.close()
-    assert len(built) == 1  # closing an unbuilt backend builds nothing
+    with pytest.raises(BlobUnavailable, match="closed"):  # a read after close() builds nothing either
+        never.read(blob.ref, 0, 16)
+    assert len(built) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from ...errors import BlobUnavailable
 from .base import BlobBackend, BlobRef
 
 
@@ -30,10 +31,10 @@ class LazyBackend(BlobBackend):
         backend = self._backend
         if backend is None:
             with self._lock:
+                if self._closed:  # never built, and closed: a read racing close() builds nothing
+                    raise BlobUnavailable("the blob backend is closed")
                 if self._backend is None:
                     self._backend = self._build()
-                    if self._closed:  # closed meanwhile: a read racing close() gets a closed backend's error
-                        self._backend.close()
                 backend = self._backend
         return backend
 
