@@ -50,6 +50,7 @@ from .journal import Journal
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+SYS_EROFS = "/sys/fs/erofs"  # one entry per live EROFS superblock, mounted or lazily detached (erofs-N here)
 WORKER_START_TIMEOUT = 120.0  # seconds for the first worker to be reading events (blob metadata, recovery)
 RESPAWN_BURST = 5  # worker deaths within RESPAWN_WINDOW before the supervisor slows down re-forking
 RESPAWN_WINDOW = 10.0
@@ -197,6 +198,15 @@ class SharedStats:
         return getattr(self, "_last", {})
 
 
+def _erofs_superblocks() -> set[str] | None:
+    """Names of the live EROFS superblocks (None: not listed here).  An entry stays while a lazily unmounted
+    superblock still has open files and goes with the superblock (measured on 6.18)."""
+    try:
+        return {n for n in os.listdir(SYS_EROFS) if n != "features"}
+    except OSError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- the supervisor
 @dataclass(eq=False)
 class _Held:
@@ -227,6 +237,8 @@ class _Supervisor:
         self.worker_fd = -1  # pidfd
         self.deaths: list[float] = []
         self.mount_id = 0
+        self.superblocks: set[str] | None = None  # /sys/fs/erofs entries that appeared with our mount
+        self.detached = False  # unmounted from outside while the superblock lives on (lazy unmount)
         self.stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -308,11 +320,19 @@ class _Supervisor:
     def do_mount(self) -> None:
         self.mount_id = records.UNKNOWN_MOUNT
         self._record()  # before the mount: a supervisor killed right after mount(2) still leaves its record
+        before = _erofs_superblocks()
         try:
             sysmount.mount_erofs(self.image.name, self.mountpoint, self.devices)
         except OSError as e:
             records.remove_record(self.mountpoint)
             raise FanotifyError(f"cannot mount {self.image.name} on {self.mountpoint}: {e.strerror}") from None
+        after = _erofs_superblocks()
+        # ours, and any other EROFS mounted in the same moment (then we wait for both: never too early)
+        self.superblocks = None if before is None or after is None else after - before
+        if not self.superblocks:
+            self.superblocks = None
+            log.warning("cannot tell this mount's EROFS superblock in %s: a lazy unmount while files are open "
+                        "would end the filling early", SYS_EROFS)
         ids = records.mount_ids(self.mountpoint)
         self.mount_id = ids[-1] if ids else 0
         self._record()
@@ -321,6 +341,14 @@ class _Supervisor:
     # -------------------------------------------------------------- running
     def _on_signal(self, signum, frame) -> None:
         self.stop = True
+
+    def superblock_alive(self) -> bool:
+        """The mount's EROFS superblock still exists (files of a lazily unmounted mount are still open): the group
+        must stay, or their holes would read as zeros.  False when it is gone, or cannot be told."""
+        if not self.superblocks:
+            return False
+        now = _erofs_superblocks()
+        return bool(now and self.superblocks & now)
 
     def serve(self) -> None:
         mi = open("/proc/self/mountinfo", "rb")
@@ -343,13 +371,20 @@ class _Supervisor:
                     elif fd == mi.fileno():
                         mi.seek(0)
                         mi.read()
-                        if records.mount_path(self.mount_id) is None:
-                            log.info("%s was unmounted", self.mountpoint)
-                            return
+                        if records.mount_path(self.mount_id) is None and not self.detached:
+                            if not self.superblock_alive():
+                                log.info("%s was unmounted", self.mountpoint)
+                                return
+                            self.detached = True
+                            log.warning("%s was detached while files of it are open (lazy unmount): filling "
+                                        "until they are closed", self.mountpoint)
                     elif fd == self.worker_fd:
                         poller.unregister(self.worker_fd)
                         self.respawn()
                         poller.register(self.worker_fd, select.POLLIN)
+                if self.detached and not self.superblock_alive():
+                    log.info("the last file of the detached %s was closed", self.mountpoint)
+                    return
         finally:
             mi.close()
 
@@ -370,6 +405,12 @@ class _Supervisor:
         """Unmount before the group closes (fanotify fails open).  False when the mount is busy: keep serving."""
         where = records.mount_path(self.mount_id)
         if where is None:
+            if self.superblock_alive():  # detached, still in use: closing the group now would fail open
+                if not self.detached:
+                    self.detached = True
+                    log.warning("%s is detached but files of it are open: filling until they are closed",
+                                self.mountpoint)
+                return False
             return True  # unmounted already
         try:
             sysmount.umount(where)

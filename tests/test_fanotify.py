@@ -556,3 +556,33 @@ def test_nydusd_without_prefetch_asks_the_registry_only_for_reads(data_image, tm
             assert reg.requests()[before:]
         finally:
             assert _nydusd_fanotify_stop(p, mnt) == 0
+
+
+def test_lazy_unmount_with_open_files_keeps_filling_until_they_close(data_image, tmp_path):
+    """``umount -l`` detaches the mount but its superblock lives on while a file of it is open, and that file's
+    holes still ask the group.  The daemon keeps the group and its worker (SIGTERM too waits) until the last file is
+    closed, so the reader gets the right bytes, never zeros; then it exits 0.  (Before, it took the detach for an
+    unmount, closed the group, and the kernel failed open: the unread file read as zeros.)"""
+    d, boot, blob, files = data_image
+    m = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache", "--blob-dir", d / "blobs")
+    try:
+        f = open(m.mnt / "big", "rb", buffering=0)  # nothing of it read yet: every page is a hole
+        try:
+            subprocess.run(["umount", "-l", str(m.mnt)], check=True)
+            assert not is_mounted(m.mnt)
+            time.sleep(1.5)
+            m.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert m.proc.poll() is None, m.log_text()[-2000:]
+            assert "detached" in m.log_text()
+            assert f.read() == files["/big"]
+        finally:
+            f.close()
+        m.proc.wait(timeout=30)
+        assert m.proc.returncode == 0, m.log_text()[-2000:]
+        assert "the last file of the detached" in m.log_text()
+        FanotifyMount.live.discard(m.proc.pid)
+        m._logf.close()
+    except BaseException:
+        m.kill()
+        raise
