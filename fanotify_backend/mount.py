@@ -324,7 +324,7 @@ class _Supervisor:
         try:
             sysmount.mount_erofs(self.image.name, self.mountpoint, self.devices)
         except OSError as e:
-            records.remove_record(self.mountpoint)
+            records.remove_record(self.mountpoint, self.pid)
             raise FanotifyError(f"cannot mount {self.image.name} on {self.mountpoint}: {e.strerror}") from None
         after = _erofs_superblocks()
         # ours, and any other EROFS mounted in the same moment (then we wait for both: never too early)
@@ -428,7 +428,7 @@ class _Supervisor:
         if self.group >= 0:
             os.close(self.group)
             self.group = -1
-        records.remove_record(self.mountpoint)
+        records.remove_record(self.mountpoint, self.pid)
 
 
 def preflight(mountpoint: str) -> None:

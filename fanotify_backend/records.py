@@ -64,7 +64,13 @@ def read_record(mountpoint: str) -> MountRecord | None:
         return None
 
 
-def remove_record(mountpoint: str) -> None:
+def remove_record(mountpoint: str, pid: int | None = None) -> None:
+    """Remove the record of ``mountpoint``; with ``pid``, only if that daemon wrote it (a daemon still filling a
+    lazily unmounted mount must not remove the record of a new mount at the same place)."""
+    if pid is not None:
+        rec = read_record(mountpoint)
+        if rec is None or rec.pid != pid:
+            return
     try:
         os.unlink(_path(mountpoint))
     except FileNotFoundError:

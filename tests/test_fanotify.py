@@ -586,3 +586,32 @@ def test_lazy_unmount_with_open_files_keeps_filling_until_they_close(data_image,
     except BaseException:
         m.kill()
         raise
+
+
+def test_a_detached_daemon_leaves_the_record_of_a_new_mount_alone(data_image, tmp_path):
+    """While a daemon still fills a lazily unmounted mount, the same mountpoint is mounted again; when the old
+    daemon finally exits it removes only its own record (the new mount's record is what orphan detection and blob
+    sharing read)."""
+    d, boot, blob, files = data_image
+    old = FanotifyMount(boot, tmp_path / "mnt", tmp_path / "cache-old", "--blob-dir", d / "blobs")
+    new = None
+    try:
+        f = open(old.mnt / "small" / "f2", "rb", buffering=0)
+        subprocess.run(["umount", "-l", str(old.mnt)], check=True)
+        (tmp_path / "again").symlink_to(tmp_path / "mnt")  # the same mountpoint; its own API socket and log
+        new = FanotifyMount(boot, tmp_path / "again", tmp_path / "cache-new", "--blob-dir", d / "blobs")
+        assert f.read() == files["/small/f2"]
+        f.close()
+        old.proc.wait(timeout=30)
+        assert old.proc.returncode == 0, old.log_text()[-2000:]
+        FanotifyMount.live.discard(old.proc.pid)
+        old._logf.close()
+        rec = records.read_record(str(new.mnt.resolve()))
+        assert rec is not None and rec.pid == new.pid
+        assert read_errno(new.mnt / "big") == files["/big"]
+    except BaseException:
+        for m in (new, old):
+            if m is not None:
+                m.kill()
+        raise
+    new.stop()
