@@ -13,8 +13,10 @@ Order of setup: ``runner.preflight`` (cheap, one line: the mountpoint) -> prefet
 image -> chunk source -> pid file -> prefetch -> ``runner.run`` (which calls ``ready()``: API RUNNING, a deferred
 source starts building; with a runner that needs the source before the mount, the source is built at once, its
 backend lazily, and ``ready()``, when there is something to prefetch, builds the backend, then probes and prefetches
-in a thread; with nothing to prefetch the blobs are not probed: the runner's own reads report a failure).  Order of teardown, whatever happened: no new prefetch -> prefetchers stopped -> source
-closed -> image closed (unless a deferred build still uses it) -> API closed (DIED first if the session failed).
+in a thread; with nothing to prefetch the blobs are not probed: the runner's own reads report a failure).  Order of
+teardown, whatever happened: no new prefetch -> prefetchers stopped (and the probe thread joined) -> source closed ->
+image closed (unless a deferred build or the probe thread still uses it) -> API closed (DIED first if the session
+failed).
 """
 from __future__ import annotations
 
