@@ -156,11 +156,11 @@ class Filler:
 
     def _follow(self, ready: list[tuple[BlobInfo, list]]) -> None:
         """After a ready range was allowed: let the cache see the step (its readahead follows in-order readers
-        through hits too)."""
+        through hits too).  Never fetches: runs on the reading thread."""
         try:
             for blob, chunks in ready:
                 if chunks:
-                    self.cache.fill(blob, chunks)
+                    self.cache.follow(blob, chunks)
         except RafsError as e:
             log.debug("readahead after a ready range: %s", e)
         except Exception:
@@ -261,7 +261,7 @@ class Filler:
                     self.pool.submit(self._handle, slot, i, ev, t0)
                 else:  # answered here, without a hand-off to a handler thread (~0.1 ms per event)
                     self._finish(slot, i, ev, fa.FAN_ALLOW, t0)
-                    self.pool.submit(self._follow, ready)
+                    self._follow(ready)  # after the answer: the kernel goes on meanwhile
 
     def stats(self, percentiles: bool = True) -> dict:
         """Counters; the latency percentiles are computed again only when asked (a sort of up to 64k samples)."""

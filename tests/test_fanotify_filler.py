@@ -9,6 +9,7 @@ import random
 import select
 import socket
 import threading
+import time
 
 import pytest
 
@@ -43,14 +44,14 @@ def filler_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RAFSFS_FANOTIFY_RUN", str(tmp_path / "run"))  # no other daemon's records
     src = tmp_path / "src"
     src.mkdir()
-    data = random.Random(5).randbytes(4 * CS)
+    data = random.Random(5).randbytes(8 * CS)
     (src / "f").write_bytes(data)
     build(BuildOptions(source=str(src), bootstrap=str(tmp_path / "boot"), blob_dir=str(tmp_path / "blobs"),
                        compressor="zstd", chunk_size=CS))
     image = RafsImage.open(str(tmp_path / "boot"))
     blob = image.blobs[0]
     backend = GatedBackend(str(tmp_path / "blobs"))
-    cache = ChunkCache(backend, CacheOptions(work_dir=str(tmp_path / "cache"), readahead=0, amplify_io=0))
+    cache = ChunkCache(backend, CacheOptions(work_dir=str(tmp_path / "cache"), readahead=2 * CS, amplify_io=0))
     entry = cache.entry(blob)
     group, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     filler = Filler(group.fileno(), Journal(4), cache, [Target([blob], entry, blob.uncompressed_size, True)],
@@ -111,3 +112,24 @@ def test_ready_ranges_are_answered_while_every_handler_waits_on_a_fetch(filler_e
         deadline -= 1
     assert filler.journal.pending() == [] and filler.free.qsize() == filler.journal.slots - 1
     assert filler.stats()["events"] == 2 and filler.stats()["denied"] == 0
+
+
+def test_following_a_reader_through_ready_chunks_reads_ahead_without_waiting(filler_env):
+    """What the reading thread does after answering a ready range (``ChunkCache.follow``): the in-order steps start
+    readahead of the next chunks, in the background: with the registry stalled it returns at once (it never
+    fetches on the caller's thread); once the registry answers, the chunks ahead arrive with no reader asking."""
+    image, blob, backend, cache, entry, filler, kernel, data = filler_env
+    meta = cache.meta(blob)
+    refs = [meta.chunk_ref(i) for i in range(blob.chunk_count)]
+    cache.fill(blob, refs[:3])
+    backend.gate.clear()
+    t0 = time.monotonic()
+    for r in refs[:3]:
+        cache.follow(blob, [r])
+    assert time.monotonic() - t0 < 1.0
+    assert not cache.is_ready(blob, refs[3])
+    backend.gate.set()
+    deadline = time.monotonic() + 30
+    while not cache.is_ready(blob, refs[3]):
+        assert time.monotonic() < deadline, "readahead did not follow"
+        time.sleep(0.05)

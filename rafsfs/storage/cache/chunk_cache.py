@@ -307,6 +307,14 @@ class ChunkCache(ChunkSource):
     def is_ready(self, blob: BlobInfo, chunk: ChunkRef) -> bool:
         return self._blob(blob).is_ready(chunk.ci_index)
 
+    def follow(self, blob: BlobInfo, chunks: list[ChunkRef]) -> None:
+        """A reader of the data file itself (the kernel, in fanotify mode) has read ``chunks``, all present: count
+        the hit and let readahead follow it, as :meth:`fill` does on a hit, without ever fetching on this thread."""
+        bc = self.entry(blob)
+        if self.opts.readahead and chunks and self._storing(bc):
+            self._read_ahead(blob, bc, chunks)
+        self.metrics.hit()
+
     def fill(self, blob: BlobInfo, chunks: list[ChunkRef]) -> None:
         """Make ``chunks`` present in the data file for a reader that reads it directly (the kernel, in fanotify
         mode): like a read (readahead, neighbours), without copying the bytes out.  Chunks another process stored
