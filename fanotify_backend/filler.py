@@ -227,7 +227,8 @@ class Filler:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
-        """Read events until the group fails; each batch goes to the handler pool.  Only after :meth:`recover`."""
+        """Read events until the group fails: a ready range is answered here, the rest go to the handler pool.
+        Only after :meth:`recover`."""
         for s in range(self.journal.slots):
             self.free.put(s)
         while True:
