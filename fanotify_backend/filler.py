@@ -79,15 +79,19 @@ class Filler:
         self._percentiles: dict = {"p50": None, "p99": None}
 
     # ------------------------------------------------------------------ one event
-    def _fill_range(self, t: Target, offset: int, count: int) -> bool:
-        """Make [offset, offset+count) of ``t`` readable; True when every chunk under it is ready."""
+    def _chunks_under(self, t: Target, offset: int, count: int) -> list[tuple[BlobInfo, list]]:
+        """(blob, chunks) for each blob stored in ``t``: the chunks under [offset, offset+count) clipped to the
+        blob's size (the kernel widens ranges to whole pages, past EOF too); none for an empty range."""
         end = min(offset + count, t.size)
         if count == 0 or offset >= end:
-            return True
+            return [(blob, []) for blob in t.blobs]
+        return [(blob, self.cache.meta(blob).chunks_at(offset, end - offset)) for blob in t.blobs]
+
+    def _fill_range(self, t: Target, offset: int, count: int) -> bool:
+        """Make [offset, offset+count) of ``t`` readable; True when every chunk under it is ready."""
         ok = True
         fetched = False
-        for blob in t.blobs:
-            chunks = self.cache.meta(blob).chunks_at(offset, end - offset)
+        for blob, chunks in self._chunks_under(t, offset, count):
             if chunks:
                 fetched = fetched or not all(self.cache.is_ready(blob, c) for c in chunks)
                 self.cache.fill(blob, chunks)
@@ -144,14 +148,9 @@ class Filler:
         targets = self._target_of(ev.fd)
         if len(targets) != 1:
             return None
-        t = targets[0]
-        end = min(ev.offset + ev.count, t.size)
-        out = []
-        for blob in t.blobs:
-            chunks = self.cache.meta(blob).chunks_at(ev.offset, end - ev.offset) if ev.offset < end else []
-            if not all(self.cache.is_ready(blob, c) for c in chunks):
-                return None
-            out.append((blob, chunks))
+        out = self._chunks_under(targets[0], ev.offset, ev.count)
+        if not all(self.cache.is_ready(blob, c) for blob, chunks in out for c in chunks):
+            return None
         return out
 
     def _follow(self, ready: list[tuple[BlobInfo, list]]) -> None:
