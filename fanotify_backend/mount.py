@@ -350,6 +350,17 @@ class _Supervisor:
         now = _erofs_superblocks()
         return bool(now and self.superblocks & now)
 
+    def gone(self) -> bool:
+        """The mount (found missing from mountinfo) is gone for good: True unless its superblock lives on, detached
+        with files open; then say so once and keep filling."""
+        if not self.superblock_alive():
+            return True
+        if not self.detached:
+            self.detached = True
+            log.warning("%s was detached while files of it are open (lazy unmount): filling until they are closed",
+                        self.mountpoint)
+        return False
+
     def serve(self) -> None:
         mi = open("/proc/self/mountinfo", "rb")
         try:
@@ -371,13 +382,9 @@ class _Supervisor:
                     elif fd == mi.fileno():
                         mi.seek(0)
                         mi.read()
-                        if records.mount_path(self.mount_id) is None and not self.detached:
-                            if not self.superblock_alive():
-                                log.info("%s was unmounted", self.mountpoint)
-                                return
-                            self.detached = True
-                            log.warning("%s was detached while files of it are open (lazy unmount): filling "
-                                        "until they are closed", self.mountpoint)
+                        if not self.detached and records.mount_path(self.mount_id) is None and self.gone():
+                            log.info("%s was unmounted", self.mountpoint)
+                            return
                     elif fd == self.worker_fd:
                         poller.unregister(self.worker_fd)
                         self.respawn()
@@ -405,13 +412,7 @@ class _Supervisor:
         """Unmount before the group closes (fanotify fails open).  False when the mount is busy: keep serving."""
         where = records.mount_path(self.mount_id)
         if where is None:
-            if self.superblock_alive():  # detached, still in use: closing the group now would fail open
-                if not self.detached:
-                    self.detached = True
-                    log.warning("%s is detached but files of it are open: filling until they are closed",
-                                self.mountpoint)
-                return False
-            return True  # unmounted already
+            return self.gone()  # unmounted already; or detached and in use: closing the group would fail open
         try:
             sysmount.umount(where)
         except OSError as e:
